@@ -1,0 +1,117 @@
+"""Build of fedrac_kernels' native back ends.
+
+* ``fedrac_kernels._cpu``  : C++17/OpenMP sources (csrc/cpu) + pybind11 binding, always built.
+* ``fedrac_kernels._cuda`` : CUDA sources (csrc/cuda, compiled by nvcc) + pybind11 binding, built
+  wherever nvcc is found (set FEDRAC_BUILD_CUDA=0 to skip, =1 to require it).
+
+Neither needs torch at build time: the native code is torch-free (raw pointers, sizes and a
+stream), so one build serves every supported torch version and a rebuild takes seconds.
+Environment: FEDRAC_CUDA_ARCH (default "90": sm_90 SASS + compute_90 PTX; e.g. "90;100"),
+NVCC (path of nvcc), FEDRAC_NATIVE_ARCH=1 to add -march=native to the CPU build.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _pybind_include():
+    import pybind11
+
+    return pybind11.get_include()
+
+
+def _find_nvcc():
+    if os.environ.get("FEDRAC_BUILD_CUDA", "") == "0":
+        return None
+    cand = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not cand:
+        for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+            if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+                cand = os.path.join(root, "bin", "nvcc")
+                break
+    if not cand and os.environ.get("FEDRAC_BUILD_CUDA", "") == "1":
+        raise RuntimeError("FEDRAC_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+    return cand
+
+
+def _cuda_root(nvcc):
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _gencode():
+    archs = [a.strip() for a in os.environ.get("FEDRAC_CUDA_ARCH", "90").replace(",", ";").split(";") if a.strip()]
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
+if os.environ.get("FEDRAC_NATIVE_ARCH") == "1":
+    CXX_FLAGS.append("-march=native")
+NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+              "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+class BuildExt(build_ext):
+    """Compiles .cu sources with nvcc into objects linked into the _cuda extension."""
+
+    def build_extension(self, ext):
+        cu = getattr(ext, "cu_sources", [])
+        if cu:
+            nvcc = ext.nvcc
+            objdir = os.path.join(self.build_temp, "cuda_objs")
+            os.makedirs(objdir, exist_ok=True)
+            objs = []
+            for src in cu:
+                obj = os.path.join(objdir, os.path.basename(src) + ".o")
+                cmd = [nvcc, "-c", src, "-o", obj, "-Icsrc/include"] + NVCC_FLAGS + _gencode()
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd, cwd=HERE)
+                objs.append(obj)
+            ext.extra_objects = objs + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+
+def extensions():
+    inc = [os.path.join("csrc", "include"), _pybind_include()]
+    exts = [
+        Extension(
+            "fedrac_kernels._cpu",
+            sources=sorted(glob.glob("csrc/bind/cpu_module.cpp") + glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=inc,
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+    ]
+    nvcc = _find_nvcc()
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if nvcc and cu_sources and os.path.exists("csrc/bind/cuda_module.cpp"):
+        root = _cuda_root(nvcc)
+        ext = Extension(
+            "fedrac_kernels._cuda",
+            sources=["csrc/bind/cuda_module.cpp"],
+            include_dirs=inc + [os.path.join(root, "include")],
+            library_dirs=[os.path.join(root, "lib64"), os.path.join(root, "lib")],
+            libraries=["cudart_static", "rt", "dl", "pthread"],
+            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+            language="c++",
+        )
+        ext.cu_sources = cu_sources
+        ext.nvcc = nvcc
+        exts.append(ext)
+    elif not nvcc:
+        print("fedrac_kernels: nvcc not found, building the CPU back end only", file=sys.stderr)
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
