@@ -1,0 +1,201 @@
+"""Evaluation: plain accuracy, multi-mask, fused nested candidates (spec K5) and per-client metrics."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedrac.evaluation as ev
+from fedrac.evaluation import (accuracy, client_metrics, evaluate, masks_accuracy,
+                               nested_candidate_accuracy, nested_masks)
+from fedrac.models import bind_flat_parameters_, build_model, flatten_parameters
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp(classes=10, shape=(1, 8, 8), seed=0):
+    m = build_model("mlp", dataset="digits", num_classes=classes, input_shape=shape, seed=seed)
+    return m, flatten_parameters(m)
+
+
+def _resnet(classes=6):
+    m = build_model("resnet18", dataset="tinyimagenet", num_classes=classes, input_shape=(3, 8, 8),
+                    seed=0)
+    return m, flatten_parameters(m)
+
+
+def _naive_counts(model, params, x, y, masks):
+    """One separate float32 forward per mask."""
+    return torch.tensor([round(accuracy(model, params, x, y, mask=mk) * x.shape[0]) for mk in masks])
+
+
+def _float64_counts(model, params, x, y, masks):
+    """Per-candidate MLP forward with layer 2 and the head in float64 (the robust reference)."""
+    bind_flat_parameters_(model, params)
+    H = model.hidden
+    with torch.no_grad():
+        h1 = model.forward_shared(x).double()
+        W2, b2 = model.fc2.weight.double(), model.fc2.bias.double()
+        W3, b3 = model.fc3.weight.double(), model.fc3.bias.double()
+        out = []
+        for mk in masks.double():
+            z = F.relu((h1 * mk[:H]) @ W2.t() + b2) * mk[H:]
+            out.append(int(((z @ W3.t() + b3).argmax(1) == y).sum()))
+    return torch.tensor(out)
+
+
+def test_accuracy_and_evaluate(gen):
+    m, p = _mlp()
+    x, y = torch.randn(37, 1, 8, 8, generator=gen), torch.randint(0, 10, (37,), generator=gen)
+    bind_flat_parameters_(m, p)
+    with torch.no_grad():
+        logits = m(x)
+    expect = (logits.argmax(1) == y).float().mean().item()
+    assert accuracy(m, p, x, y, batch_size=5) == pytest.approx(expect)
+    r = evaluate(m, p, x, y, batch_size=8)
+    assert r["correct"] == round(expect * 37) and r["n"] == 37
+    assert r["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_masks_accuracy_equals_separate_forwards(kind, gen):
+    m, p = _mlp() if kind == "mlp" else _resnet()
+    n = 40 if kind == "mlp" else 9
+    shape = (1, 8, 8) if kind == "mlp" else (3, 8, 8)
+    classes = 10 if kind == "mlp" else 6
+    x, y = torch.randn((n,) + shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    masks = torch.rand(5, m.num_neurons, generator=gen) < 0.6
+    masks[3] = masks[1]                       # duplicates are evaluated once, reported twice
+    masks[4] = True
+    acc, loss = masks_accuracy(m, p, x, y, masks, batch_size=16, return_loss=True)
+    counts = (acc * n).round().long()
+    assert torch.equal(counts, _naive_counts(m, p, x, y, masks))
+    ref_loss = torch.tensor([evaluate(m, p, x, y, mask=mk)["loss"] for mk in masks], dtype=torch.float64)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert acc[4] == accuracy(m, p, x, y)
+    with pytest.raises(ValueError, match="masks"):
+        masks_accuracy(m, p, x, y, masks[:, 1:])
+
+
+def _orders(N, gen):
+    return {"identity": torch.arange(N),               # round 2: all ties, layer 1 first
+            "layer2_first": torch.cat([torch.arange(200, 400), torch.arange(200)]),
+            "random": torch.randperm(N, generator=gen)}
+
+
+@pytest.mark.parametrize("order_kind", ["identity", "layer2_first", "random"])
+def test_nested_mlp_equals_naive_and_float64(order_kind, gen):
+    m, p = _mlp()
+    n = 300
+    x, y = torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    order = _orders(400, gen)[order_kind]
+    # unsorted, repeated, empty (0), layer-1-only candidates (<= 200 in identity order), full
+    sizes = torch.tensor([400, 8, 0, 16, 16, 200, 208, 96, 392, 3, 301, 399, 1])
+    acc, loss = nested_candidate_accuracy(m, p, x, y, order, sizes, batch_size=128, return_loss=True)
+    masks = nested_masks(order, sizes)
+    counts = (acc * n).round().long()
+    assert torch.equal(counts, _naive_counts(m, p, x, y, masks))
+    assert torch.equal(counts, _float64_counts(m, p, x, y, masks))
+    ref_loss = torch.tensor([evaluate(m, p, x, y, mask=mk)["loss"] for mk in masks], dtype=torch.float64)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    # an empty layer gives logits = output bias: the accuracy of always predicting argmax(b3)
+    top = int(m.fc3.bias.argmax())
+    assert counts[2] == int((y == top).sum())
+    if order_kind == "identity":
+        assert (counts[[1, 3, 4, 5, 7, 9, 12]] == int((y == top).sum())).all()
+
+
+def test_nested_mlp_pack8_fifty_candidates_62_classes(gen):
+    """The FedRAC shape (C = 50 prefixes of 8) with a 62-way head (padded head width 64)."""
+    m, p = _mlp(classes=62, shape=(1, 6, 6), seed=3)
+    n = 400
+    x, y = torch.randn(n, 1, 6, 6, generator=gen), torch.randint(0, 62, (n,), generator=gen)
+    order = torch.randperm(400, generator=gen)
+    sizes = torch.arange(1, 51) * 8
+    acc = nested_candidate_accuracy(m, p, x, y, order, sizes)
+    masks = nested_masks(order, sizes)
+    assert torch.equal((acc * n).round().long(), _naive_counts(m, p, x, y, masks))
+    assert torch.equal((acc * n).round().long(), _float64_counts(m, p, x, y, masks))
+
+
+def test_nested_mlp_exact_ties_and_forced_recheck(gen, monkeypatch):
+    m, p = _mlp(seed=4)
+    bind_flat_parameters_(m, p)
+    with torch.no_grad():                   # classes 2 and 7 identical: every sample ties
+        m.fc3.weight[7] = m.fc3.weight[2]
+        m.fc3.bias[7] = m.fc3.bias[2] = m.fc3.bias.max() + 5.0
+    p = flatten_parameters(m)
+    n = 64
+    x = torch.randn(n, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    y[:20] = 7                              # never correct: argmax takes the first of a tie
+    y[20:40] = 2
+    order = torch.randperm(400, generator=gen)
+    sizes = torch.tensor([0, 40, 200, 232, 400])
+    masks = nested_masks(order, sizes)
+    acc = nested_candidate_accuracy(m, p, x, y, order, sizes)
+    counts = (acc * n).round().long()
+    assert torch.equal(counts, _naive_counts(m, p, x, y, masks))
+    assert torch.equal(counts, _float64_counts(m, p, x, y, masks))
+    # every decision recomputed in float64 must give the same counts
+    monkeypatch.setattr(ev, "_NEAR_TIE_RTOL", 1e9)
+    assert torch.equal(nested_candidate_accuracy(m, p, x, y, order, sizes), acc)
+
+
+def test_nested_resnet_equals_masks(gen):
+    m, p = _resnet()
+    n = 5
+    x, y = torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 6, (n,), generator=gen)
+    order = torch.randperm(1024, generator=gen)
+    sizes = torch.tensor([1024, 64, 512, 0])
+    acc, loss = nested_candidate_accuracy(m, p, x, y, order, sizes, batch_size=8, return_loss=True)
+    masks = nested_masks(order, sizes)
+    assert torch.equal((acc * n).round().long(), _naive_counts(m, p, x, y, masks))
+    ref_loss = torch.tensor([evaluate(m, p, x, y, mask=mk)["loss"] for mk in masks], dtype=torch.float64)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+
+
+def test_nested_masks_and_bad_arguments():
+    nm = nested_masks(torch.tensor([2, 0, 1]), torch.tensor([0, 1, 3, 2]))
+    assert nm.tolist() == [[False, False, False], [False, False, True], [True, True, True],
+                           [True, False, True]]
+    m, p = _mlp()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="order"):
+        nested_candidate_accuracy(m, p, x, y, torch.zeros(400, dtype=torch.long), [8])
+    with pytest.raises(ValueError, match="sizes"):
+        nested_candidate_accuracy(m, p, x, y, torch.arange(400), [401])
+    with pytest.raises(ValueError, match="params"):
+        nested_candidate_accuracy(m, p[:-1], x, y, torch.arange(400), [8])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_client_metrics(kind, gen):
+    m, p = _mlp() if kind == "mlp" else _resnet()
+    shape = (1, 8, 8) if kind == "mlp" else (3, 8, 8)
+    classes = 10 if kind == "mlp" else 6
+    sizes = [7, 0, 12, 3] if kind == "mlp" else [3, 0, 4, 2]
+    data = [(torch.randn((k,) + shape, generator=gen), torch.randint(0, classes, (k,), generator=gen))
+            for k in sizes]
+    masks = torch.rand(4, m.num_neurons, generator=gen) < 0.7
+    masks[2] = masks[0]                        # clients 0 and 2 share a submodel
+    r = client_metrics(m, p, data, masks, batch_size=5)
+    for k, (xk, yk) in enumerate(data):
+        if xk.shape[0] == 0:
+            assert math.isnan(r["accuracy"][k]) and math.isnan(r["loss"][k])
+            continue
+        e = evaluate(m, p, xk, yk, mask=masks[k])
+        assert r["correct"][k] == e["correct"]
+        assert r["loss"][k].item() == pytest.approx(e["loss"], rel=1e-5)
+    assert r["num_samples"].tolist() == sizes
+    assert r["weighted_accuracy"] == pytest.approx(r["correct"].sum().item() / sum(sizes))
+    full = client_metrics(m, p, data, None)
+    assert full["correct"][0] == evaluate(m, p, *data[0])["correct"]
+    with pytest.raises(ValueError, match="masks"):
+        client_metrics(m, p, data, masks[:3])
