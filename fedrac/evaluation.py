@@ -249,18 +249,23 @@ def _mlp_nested_counts(model: MaskedMLP, x, y, order, sizes, rows, want_loss):
     b3p[nc] = b3.abs().amax()
     W2q64, b2q64 = W2qt.t().to(f64), b2q.to(f64)
     W3q64, b364 = W3q.to(f64), b3.to(f64)
-    # walk in increasing size: (candidate, layer-1 prefix end before/after, layer-2 prefix end)
-    walk, prev1 = [], 0
+    # walk the candidates in increasing size; a "slot" is one distinct submodel on the walk:
+    # (layer-1 prefix end before, after, layer-2 prefix end); repeated sizes share a slot
+    slots, slot_of, prev1, key = [], [0] * C, 0, None
     for c in torch.argsort(sizes, stable=True).tolist():
         s = int(sizes[c])
-        walk.append((c, prev1, int(pos1[s]), int(pos2[s])))
-        prev1 = int(pos1[s])
-    e1_of = pos1[sizes].to(dev)
-    e2_of = pos2[sizes].to(dev)
+        e, k2 = int(pos1[s]), int(pos2[s])
+        if (e, k2) != key:
+            slots.append((prev1, e, k2))
+            key, prev1 = (e, k2), e
+        slot_of[c] = len(slots) - 1
+    S = len(slots)
+    e1_of = torch.tensor([e for _, e, _ in slots], device=dev)
+    e2_of = torch.tensor([k2 for _, _, k2 in slots], device=dev)
     ar = torch.arange(H, device=dev)
     top_b3 = int(torch.argmax(b3))
-    correct = torch.zeros(C, dtype=torch.int64, device=dev)
-    loss_sum = torch.zeros(C, dtype=f64, device=dev)
+    correct = torch.zeros(S, dtype=torch.int64, device=dev)
+    loss_sum = torch.zeros(S, dtype=f64, device=dev)
     for i in range(0, x.shape[0], rows):
         xb, yb = x[i:i + rows], y[i:i + rows]
         b = xb.shape[0]
@@ -268,57 +273,41 @@ def _mlp_nested_counts(model: MaskedMLP, x, y, order, sizes, rows, want_loss):
         z2 = b2q.expand(b, H).contiguous()                              # running layer-2 pre-act.
         a2 = torch.empty_like(z2)
         la = torch.empty(b, ncp, dtype=z2.dtype, device=dev)
-        last = None
-        cand_ids, sample_ids, preds = [], [], []
-        for c, a, e, k2 in walk:
+        vals = torch.empty(S, b, dtype=z2.dtype, device=dev)
+        preds = torch.empty(S, b, dtype=torch.int64, device=dev)
+        near = torch.zeros(S, b, dtype=torch.int64, device=dev)       # logits near the max
+        for s, (a, e, k2) in enumerate(slots):
             if e > a:
                 z2.addmm_(h1q[:, a:e], W2qt[a:e])
-            elif last is not None and last[0] == k2:                    # same submodel again
-                correct[c] += last[1]
+            if k2 == 0:                                                 # exact: logits = b3
+                preds[s].fill_(top_b3)
                 if want_loss:
-                    loss_sum[c] += last[2]
-                if last[3] is not None:
-                    cand_ids.append(torch.full_like(last[3], c))
-                    sample_ids.append(last[3])
-                    preds.append(last[4])
+                    loss_sum[s] += F.cross_entropy(b3.to(f64).expand(b, nc), yb, reduction="sum")
                 continue
-            amb = pred = None
-            if k2 == 0:
-                logits = b3.expand(b, nc)                               # exact: empty layer 2
-                hit = (yb == top_b3).sum()
-            else:
-                torch.clamp_min(z2, 0, out=a2)
-                torch.addmm(b3p, a2[:, :k2], W3p[:k2], out=la)
-                logits = la[:, :nc]
-                v0, top = logits.max(1)
-                hit = (top == yb).sum()
-                # near-tie: another logit within tol of the max (la[:, nc] = scale bound)
-                thr = v0.sub(la[:, nc], alpha=_NEAR_TIE_RTOL).unsqueeze_(1)
-                amb = torch.ge(logits, thr).sum(1, dtype=torch.int32).gt_(1).nonzero().squeeze(1)
-                if amb.numel():
-                    pred = top[amb]
-                    cand_ids.append(torch.full_like(amb, c))
-                    sample_ids.append(amb)
-                    preds.append(pred)
-                else:
-                    amb = None
-            ce = None
+            torch.clamp_min(z2, 0, out=a2)
+            torch.addmm(b3p, a2[:, :k2], W3p[:k2], out=la)
+            logits = la[:, :nc]
+            torch.max(logits, 1, out=(vals[s], preds[s]))
+            # near-tie: another logit within tol of the max (la[:, nc] is the scale bound)
+            thr = vals[s].sub(la[:, nc], alpha=_NEAR_TIE_RTOL).unsqueeze_(1)
+            torch.sum(torch.ge(logits, thr), 1, out=near[s])
             if want_loss:
-                ce = F.cross_entropy(logits.to(f64), yb, reduction="sum")
-                loss_sum[c] += ce
-            correct[c].add_(hit)
-            last = (k2, hit, ce, amb, pred)
-        if cand_ids:
-            # near-ties: recompute those (candidate, sample) decisions from the same float32
-            # layer-1 activations in float64 (products of float32 values are exact there)
-            cid, sid, p32 = torch.cat(cand_ids), torch.cat(sample_ids), torch.cat(preds)
-            m1 = (ar.unsqueeze(0) < e1_of[cid].unsqueeze(1)).to(f64)
-            m2 = (ar.unsqueeze(0) < e2_of[cid].unsqueeze(1)).to(f64)
+                loss_sum[s] += F.cross_entropy(logits.to(f64), yb, reduction="sum")
+        hits = (preds == yb).sum(1)
+        amb = (near > 1).nonzero()
+        if amb.numel():
+            # near-ties: recompute those (slot, sample) decisions from the same float32 layer-1
+            # activations in float64 (products of float32 values are exact there)
+            sl, sid = amb[:, 0], amb[:, 1]
+            m1 = (ar.unsqueeze(0) < e1_of[sl].unsqueeze(1)).to(f64)
+            m2 = (ar.unsqueeze(0) < e2_of[sl].unsqueeze(1)).to(f64)
             z = torch.addmm(b2q64, h1q[sid].to(f64) * m1, W2q64.t())
             p64 = torch.addmm(b364, z.clamp_min(0) * m2, W3q64.t()).argmax(1)
             ys = yb[sid]
-            correct.index_add_(0, cid, (p64 == ys).to(torch.int64) - (p32 == ys).to(torch.int64))
-    return correct.cpu(), loss_sum.cpu()
+            hits.index_add_(0, sl, (p64 == ys).to(torch.int64) - (preds[sl, sid] == ys).to(torch.int64))
+        correct += hits
+    idx = torch.tensor(slot_of, device=dev)
+    return correct[idx].cpu(), loss_sum[idx].cpu()
 
 
 @torch.no_grad()
