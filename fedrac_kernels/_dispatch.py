@@ -9,6 +9,7 @@ value checks also hold inside a ``torch.compile``'d graph.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from typing import Optional
@@ -25,6 +26,7 @@ _DEVICE_DEFAULTS = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")
 _log = logging.getLogger("fedrac_kernels")
 _status_cache: dict = {}
 _logged: set = set()
+_device_cache: dict = {}
 
 
 # ---- back-end status and selection --------------------------------------------------------------
@@ -38,6 +40,7 @@ def status(name: str) -> tuple:
 def clear_cache() -> None:
     """Forget cached back-end statuses (tests; after building a native module in-process)."""
     _status_cache.clear()
+    _device_cache.clear()
     _logged.clear()
 
 
@@ -56,21 +59,42 @@ def backend_report() -> dict:
 
 
 def supports_device(name: str, device: torch.device) -> tuple:
-    """(ok, reason): can back end ``name`` run on tensors on ``device``?"""
+    """(ok, reason): can back end ``name`` run on tensors on ``device``?
+
+    A back end whose ``available`` takes a device (``available(device) -> (ok, why)``, e.g. the
+    Triton back end, which knows whether it was imported for the interpreter) decides itself.
+    """
+    key = (name, device.type)
+    if key in _device_cache:
+        return _device_cache[key]
     t = device.type
     if name == "torch":
-        return True, ""
-    if name == "cpu":
-        return (t == "cpu"), "the cpu back end runs on CPU tensors only"
-    if name == "cuda":
-        return (t == "cuda"), "the cuda back end runs on CUDA tensors only"
-    if name == "triton":
-        if t == "cuda":
-            return True, ""
-        if t == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1":
-            return True, ""
-        return False, "the triton back end runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1)"
-    return False, f"unknown back end {name!r}"
+        res = (True, "")
+    elif name == "cpu":
+        res = ((t == "cpu"), "the cpu back end runs on CPU tensors only")
+    elif name == "cuda":
+        res = ((t == "cuda"), "the cuda back end runs on CUDA tensors only")
+    elif name == "triton":
+        if t == "cuda" or (t == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"):
+            res = (True, "")
+        else:
+            res = (False, "the triton back end runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1)")
+    else:
+        res = (False, f"unknown back end {name!r}")
+    if res[0] and name != "torch" and status(name)[0]:
+        mod = get_backend(name)
+        try:
+            takes_device = len(inspect.signature(mod.available).parameters) >= 1
+        except (TypeError, ValueError):
+            takes_device = False
+        if takes_device:
+            try:
+                ok, why = mod.available(device)
+                res = (bool(ok), why)
+            except Exception as exc:  # a failing check is a reason, not a crash
+                res = (False, f"availability check for {t} failed: {type(exc).__name__}: {exc}")
+    _device_cache[key] = res
+    return res
 
 
 def resolve(backend: Optional[str], device: torch.device):

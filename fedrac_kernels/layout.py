@@ -240,13 +240,14 @@ class NeuronLayout:
             if isinstance(item, MaskSite):
                 name, width = item.name, item.width
             else:
-                try:
-                    name, width = item
-                except (TypeError, ValueError):
-                    raise TypeError(f"sites: expected (name, width) pairs, got {item!r}") from None
+                if not isinstance(item, (tuple, list)) or len(item) != 2:
+                    raise TypeError(f"sites: expected (name, width) pairs, got {item!r}")
+                name, width = item
             if not isinstance(name, str):
                 raise TypeError(f"sites: site names must be str, got {name!r}")
-            if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+            if isinstance(width, bool) or not isinstance(width, int):
+                raise TypeError(f"sites: site {name!r} needs a positive integer width, got {width!r}")
+            if width <= 0:
                 raise ValueError(f"sites: site {name!r} needs a positive integer width, got {width!r}")
             if name in seen:
                 raise ValueError(f"sites: site {name!r} is listed twice")
@@ -262,10 +263,9 @@ class NeuronLayout:
         off = 0
         names = set()
         for item in params:
-            try:
-                name, shape, out_site, in_site = item
-            except (TypeError, ValueError):
-                raise TypeError(f"params: expected (name, shape, out_site, in_site), got {item!r}") from None
+            if not isinstance(item, (tuple, list)) or len(item) != 4:
+                raise TypeError(f"params: expected (name, shape, out_site, in_site), got {item!r}")
+            name, shape, out_site, in_site = item
             shape = tuple(int(d) for d in shape)
             if name in names:
                 raise ValueError(f"params: parameter {name!r} is listed twice")
@@ -320,10 +320,10 @@ class NeuronLayout:
         params = []
         for n, p in named:
             g = gates.get(n, (None, None))
-            try:
-                out_site, in_site = g
-            except (TypeError, ValueError):
-                raise TypeError(f"gates: entry for {n!r} must be (out_site, in_site), got {g!r}") from None
+            if not isinstance(g, (tuple, list)) or len(g) != 2 or \
+                    not all(x is None or isinstance(x, str) for x in g):
+                raise TypeError(f"gates: entry for {n!r} must be (out_site | None, in_site | None), got {g!r}")
+            out_site, in_site = g
             params.append((n, tuple(p.shape), out_site, in_site))
         return cls(sites, params)
 
