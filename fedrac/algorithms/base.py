@@ -1,0 +1,297 @@
+"""The algorithm contract: what a federated algorithm implements, and what the simulator gives it.
+
+An algorithm is one small module in ``fedrac/algorithms/`` holding a class decorated with
+:func:`fedrac.algorithms.register`. The simulation loop (:mod:`fedrac.runner`) owns everything
+else: data, partitions, standalone accuracies, client RNG streams, metrics, outputs, checkpoints.
+
+Per round ``r = 1, 2, ...`` the loop calls ``algo.round(r)`` then ``algo.rewards()`` and evaluates
+the reward models on the server test set ``T``; fairness, rate, max/mean/min accuracy and the
+per-client values are computed from those accuracies by the loop, never by the algorithm.
+
+What an algorithm implements (subclass :class:`Algorithm`)::
+
+    name: str                                  # set by @register("name")
+    options: dict[str, Option]                 # its config keys (flat; settable with --set)
+    @classmethod resolve_options(cls, cfg)     # fill its "auto" values, validate (ConfigError)
+    setup()                                    # build the initial state from sim (fresh run AND resume)
+    round(r) -> dict                           # one server round; returns JSON-able extras per round
+    rewards() -> MaskRewards | ParamRewards    # the current reward model theta_k of every client
+    state_dict() / load_state_dict(sd)         # everything the next round depends on
+    client_columns() -> dict[str, list]        # optional per-client columns for the final table
+
+What the simulator provides (``self.sim``, a :class:`fedrac.runner.Simulation`)::
+
+    cfg                          resolved configuration (core keys + this algorithm's options)
+    K, N, P, num_classes, device
+    model, layout                scratch nn.Module (parameters passed explicitly) and its NeuronLayout
+    init_params                  float32 [P], the common initial model (never modify in place)
+    client_sizes                 list[int], samples per client
+    standalone                   float64 [K], contributions s used by the algorithm (3.1)
+    local_train(k, params, mask=None, num_steps=None, lr=None) -> float32 [P]
+                                 client k's local work from ``params`` (a new tensor; ``params`` is
+                                 untouched), with its own RNG stream, SGD/batch/clip from cfg
+    accuracy(params, split="val"|"test"|"client:<k>", mask=None) -> float
+    nested_accuracy(params, order, sizes, split) -> float64 [S]     fused (nested prefixes of order)
+    masks_accuracy(params, masks, split) -> float64 [S]              fused (distinct masks)
+    client_data(k) -> (x, y);  val_data(); test_data()
+    generator                    torch.Generator for the server's own randomness (checkpointed)
+
+RNG: use only ``sim.generator`` (server) and ``sim.local_train`` (clients); the loop saves and
+restores those streams, so a resumed run continues bit for bit. Never call ``torch.manual_seed``.
+
+Two kinds of reward models:
+
+* :class:`MaskRewards` - submodels of one global parameter vector (FedRAC, FedSAC, HeteroFL,
+  FedRolex, FjORD, Aequa): the loop evaluates every *distinct* mask in one fused pass over ``T``.
+* :class:`ParamRewards` - one parameter vector per client (CFFL, CGSV, FedAVE, IAFL, CF-FedAvg,
+  FedPW, Standalone); the same tensor object given for several clients is evaluated once.
+
+Submodel methods subclass :class:`MaskedAlgorithm` and implement only :meth:`MaskedAlgorithm.allocate`
+(which neurons each client gets this round); training from the global model with the mask, the
+frequency table and the masked mean (``fedrac_kernels``) are shared.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+
+import torch
+
+import fedrac_kernels as fk
+
+from ..config import Config, ConfigError, Option
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runner import Simulation
+
+
+# ------------------------------------------------------------------------------------ reward kinds
+
+@dataclass
+class MaskRewards:
+    """Client k's reward is ``params`` with neuron mask k.
+
+    Give exactly one of: ``order`` + ``sizes`` (nested: client k holds ``order[:sizes[k]]``),
+    ``masks`` (bool [K, N]), or neither (every client gets the full model).
+    """
+
+    params: torch.Tensor
+    order: Optional[torch.Tensor] = None
+    sizes: Optional[torch.Tensor] = None
+    masks: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ParamRewards:
+    """Client k's reward is ``params[k]`` (with ``masks[k]`` when given)."""
+
+    params: Sequence[torch.Tensor]
+    masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+
+
+# ------------------------------------------------------------------------------------- allocation
+
+@dataclass
+class Allocation:
+    """Which neurons each client holds this round (nested prefixes of ``order``, or dense masks)."""
+
+    K: int
+    N: int
+    order: Optional[torch.Tensor] = None          # int64 [N]
+    sizes: Optional[torch.Tensor] = None          # int64 [K]
+    masks: Optional[torch.Tensor] = None          # bool [K, N]
+
+    @classmethod
+    def full(cls, K: int, N: int) -> "Allocation":
+        return cls(K, N, order=torch.arange(N, dtype=torch.int64), sizes=torch.full((K,), N, dtype=torch.int64))
+
+    @property
+    def nested(self) -> bool:
+        return self.masks is None
+
+    def is_full(self, k: int) -> bool:
+        if self.nested:
+            return int(self.sizes[k]) >= self.N
+        return bool(self.masks[k].all())
+
+    def mask(self, k: int) -> Optional[torch.Tensor]:
+        """bool [N] of client k, or None when it holds every neuron."""
+        if self.is_full(k):
+            return None
+        if self.nested:
+            m = torch.zeros(self.N, dtype=torch.bool)
+            m[self.order[: int(self.sizes[k])]] = True
+            return m
+        return self.masks[k].clone()
+
+    def neuron_masks(self):
+        """The form the kernels take: NestedMasks or dense bool [K, N]."""
+        if self.nested:
+            return fk.NestedMasks(self.order, self.sizes)
+        return self.masks
+
+    def counts(self) -> torch.Tensor:
+        """int64 [K]: neurons per client."""
+        if self.nested:
+            return self.sizes.clone()
+        return self.masks.sum(1).to(torch.int64)
+
+    def state_dict(self) -> dict:
+        return {"K": self.K, "N": self.N, "order": self.order, "sizes": self.sizes, "masks": self.masks}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "Allocation":
+        return cls(sd["K"], sd["N"], order=sd["order"], sizes=sd["sizes"], masks=sd["masks"])
+
+    def rewards(self, params: torch.Tensor) -> MaskRewards:
+        if self.nested:
+            return MaskRewards(params, order=self.order, sizes=self.sizes)
+        return MaskRewards(params, masks=self.masks)
+
+
+# ------------------------------------------------------------------------------------------- base
+
+class Algorithm:
+    """Base class of every algorithm (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, sim: "Simulation", cfg: Config):
+        self.sim = sim
+        self.cfg = cfg
+
+    @classmethod
+    def resolve_options(cls, cfg: Config) -> dict:
+        """Return {key: value} for this algorithm's ``auto`` options (``cfg["model"]`` etc. are
+        resolved already); raise ConfigError for invalid combinations. Default: nothing to do."""
+        return {}
+
+    def setup(self) -> None:
+        """Build the initial state (called for fresh runs and before ``load_state_dict`` on resume)."""
+
+    def round(self, r: int) -> dict:
+        raise NotImplementedError
+
+    def rewards(self):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd:
+            raise NotImplementedError(f"{type(self).__name__} must implement load_state_dict")
+
+    def client_columns(self) -> dict[str, list]:
+        return {}
+
+    # helpers ---------------------------------------------------------------------------------
+    def option(self, key: str) -> Any:
+        return self.cfg[key]
+
+
+class MaskedAlgorithm(Algorithm):
+    """Submodel training over one global model with the shared masked aggregation.
+
+    State: global parameters ``w`` (float32 [P]), the cumulative neuron frequency table ``freq``
+    (float32 [N], counts every client mask of every allocating round) and the current allocation.
+
+    Round ``r``: ``alloc = allocate(r)`` (None = everybody trains the full model and ``freq`` is
+    not counted); ``freq += masks``; client k trains ``w`` with its mask; ``w`` <- masked mean of
+    the updates: ``aggregation=nonzero_mean`` counts a parameter for client k iff its update is
+    non-zero (FedRAC's rule, ALGORITHMS.md 4.9, ``fk.masked_mean_update_``);
+    ``structural_mean`` iff its neurons are in k's mask (``fk.structured_mean_update_``).
+    Rewards: ``w`` with each client's mask of the last round.
+    """
+
+    options: ClassVar[dict[str, Option]] = {
+        "aggregation": Option("nonzero_mean", "str", "masked mean rule: nonzero_mean (a parameter counts "
+                              "for a client iff its update is non-zero) or structural_mean (iff its "
+                              "neurons are in the client's mask)",
+                              choices=("nonzero_mean", "structural_mean")),
+    }
+
+    def setup(self) -> None:
+        sim = self.sim
+        self.w = sim.init_params.clone()
+        self.freq = torch.zeros(sim.N, dtype=torch.float32, device=self.w.device)
+        self.alloc = Allocation.full(sim.K, sim.N)
+        self.extras: dict = {}
+
+    # to implement ------------------------------------------------------------------------------
+    def allocate(self, r: int) -> Optional[Allocation]:
+        """The allocation of round r from the current state (``self.w`` before training), or None
+        for "full model for everybody, not counted in the frequency table". May put per-round
+        values to log into ``self.extras``."""
+        raise NotImplementedError
+
+    def aggregation_weights(self, r: int):
+        """K client weights for the masked mean (None = all 1)."""
+        return None
+
+    # shared -------------------------------------------------------------------------------------
+    def round(self, r: int) -> dict:
+        sim = self.sim
+        self.extras = {}
+        alloc = self.allocate(r)
+        counted = alloc is not None
+        if alloc is None:
+            alloc = Allocation.full(sim.K, sim.N)
+        if counted:
+            if alloc.nested:
+                fk.frequency_update_(self.freq, order=alloc.order.to(self.freq.device),
+                                     sizes=alloc.sizes.to(self.freq.device))
+            else:
+                fk.frequency_update_(self.freq, alloc.masks.to(self.freq.device))
+        deltas = []
+        for k in range(sim.K):
+            wk = sim.local_train(k, self.w, mask=alloc.mask(k))
+            deltas.append(wk.sub_(self.w))
+        self.aggregate(deltas, alloc, r)
+        self.alloc = alloc
+        f = self.freq.to(torch.float64)
+        out = {"freq_mean": float(f.mean()), "freq_var": float(f.var(unbiased=False)),
+               "submodel_size": alloc.counts().tolist()}
+        out.update(self.extras)
+        return out
+
+    def aggregate(self, deltas: list, alloc: Allocation, r: int) -> None:
+        weights = self.aggregation_weights(r)
+        if self.cfg["aggregation"] == "structural_mean":
+            nm = alloc.neuron_masks()
+            if not alloc.nested:
+                nm = nm.to(self.w.device)
+            fk.structured_mean_update_(self.w, deltas, self.sim.layout, nm, weights=weights, rule="structural")
+        else:
+            fk.masked_mean_update_(self.w, deltas, weights=weights, masks=None)
+
+    def rewards(self) -> MaskRewards:
+        return self.alloc.rewards(self.w)
+
+    def state_dict(self) -> dict:
+        return {"w": self.w, "freq": self.freq, "alloc": self.alloc.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.w = sd["w"].to(self.sim.device).clone()
+        self.freq = sd["freq"].to(self.sim.device).clone()
+        self.alloc = Allocation.from_state_dict(sd["alloc"])
+
+    def client_columns(self) -> dict[str, list]:
+        return {"neurons": self.alloc.counts().tolist()}
+
+
+def stable_argsort(values: torch.Tensor, *, descending: bool = False) -> torch.Tensor:
+    """Stable argsort, ties broken by the lower index (also for ``descending``)."""
+    keys = -values if descending else values
+    return torch.sort(keys, stable=True).indices.to(torch.int64)
+
+
+def check_fraction(key: str, value: float) -> None:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{key}={value}: must be in [0, 1]")
+
+
+__all__ = ["Algorithm", "MaskedAlgorithm", "Allocation", "MaskRewards", "ParamRewards",
+           "stable_argsort", "check_fraction"]
