@@ -76,6 +76,8 @@ def _check_data(x, y, params):
 
 def _check_masks(model, masks) -> torch.Tensor:
     N = model.num_neurons
+    if not isinstance(masks, torch.Tensor) and hasattr(masks, "dense"):
+        masks = masks.dense()                       # fedrac_kernels.NestedMasks
     if not isinstance(masks, torch.Tensor) or masks.dim() != 2 or masks.shape[1] != N:
         raise ValueError(f"masks: expected a [S, {N}] tensor")
     if masks.dtype != torch.bool:
@@ -153,7 +155,8 @@ def masks_accuracy(model, params, x, y, masks, *, batch_size: Optional[int] = No
                    return_loss: bool = False):
     """Accuracies ``[S]`` of the S submodels ``masks`` (bool/0-1 ``[S, N]``) in one data pass.
 
-    Identical rows are evaluated once. With ``return_loss`` returns ``(accuracy, mean_loss)``.
+    ``masks`` may also be a ``fedrac_kernels.NestedMasks``. Identical rows are evaluated once.
+    With ``return_loss`` returns ``(accuracy, mean_loss)``.
     ``batch_size``: rows per forward (MLP: data rows per batch; other models: candidates x data
     rows stacked per forward). Default 1024 (MLP) / 256 (ResNet).
     """
@@ -361,8 +364,9 @@ def client_metrics(model, params, data: Sequence, masks=None, *,
     """Loss and accuracy of K reward submodels, each on its own client's data (spec §3.4, K16).
 
     ``data``: K pairs ``(x_k, y_k)`` on ``params``' device. ``masks``: ``None`` (full model for
-    everyone) or bool/0-1 ``[K, N]`` (client k's submodel). Clients are grouped by distinct mask,
-    so at most (#distinct masks) submodels run, each on the concatenated data of its clients.
+    everyone), bool/0-1 ``[K, N]`` (client k's submodel) or a ``fedrac_kernels.NestedMasks``.
+    Clients are grouped by distinct mask, so at most (#distinct masks) submodels run, each on the
+    concatenated data of its clients (in chunks of ``batch_size``).
     Returns ``{"loss": f64 [K], "accuracy": f64 [K], "correct": i64 [K], "num_samples": i64 [K],
     "weighted_loss": float, "weighted_accuracy": float}`` (NaN for a client without data;
     the weighted values are data-volume-weighted averages over all samples).
