@@ -199,3 +199,18 @@ def test_client_metrics(kind, gen):
     assert full["correct"][0] == evaluate(m, p, *data[0])["correct"]
     with pytest.raises(ValueError, match="masks"):
         client_metrics(m, p, data, masks[:3])
+
+
+def test_accepts_fedrac_kernels_nested_masks(gen):
+    fk = pytest.importorskip("fedrac_kernels")
+    if not hasattr(fk, "NestedMasks"):
+        pytest.skip("fedrac_kernels.NestedMasks not available yet")
+    m, p = _mlp()
+    x, y = torch.randn(20, 1, 8, 8, generator=gen), torch.randint(0, 10, (20,), generator=gen)
+    order, sizes = torch.randperm(400, generator=gen), torch.tensor([8, 200, 400])
+    nm = fk.NestedMasks(order, sizes)
+    dense = nested_masks(order, sizes)
+    assert torch.equal(masks_accuracy(m, p, x, y, nm), masks_accuracy(m, p, x, y, dense))
+    data = [(x[:7], y[:7]), (x[7:12], y[7:12]), (x[12:], y[12:])]
+    assert torch.equal(client_metrics(m, p, data, nm)["correct"],
+                       client_metrics(m, p, data, dense)["correct"])
