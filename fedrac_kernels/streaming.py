@@ -455,6 +455,9 @@ class _HostToDevice:
                         self.stream.wait_event(self._consumed[j])
                     for t, dt, o, n in srcs:
                         dev_bufs[dt][o:o + n].copy_(t, non_blocking=True)
+                    for buf in dev_bufs.values():  # freeing a grown-out buffer must wait for both streams
+                        buf.record_stream(self.stream)
+                        buf.record_stream(cur)
                     ev = torch.cuda.Event()
                     ev.record(self.stream)
                     self._copied[j] = ev
