@@ -1,0 +1,110 @@
+/*
+ * fk_cpu_internal.h -- private helpers of the C++/OpenMP back end (not part of the ABI).
+ *
+ * The span kernels (the only hot loops) are compiled three times, for a baseline x86-64 target, for
+ * AVX2 and for AVX-512, and picked once at run time (fk_cpu_set_isa can force a lower level, which
+ * the tests use to check every variant against the oracle). Every variant performs the same IEEE
+ * float32 operations in the same order (multiply, then add, one rounding each; -ffp-contract=off
+ * and no "fma" in any target list), so all of them are bit-identical to each other and to torch.
+ */
+#ifndef FEDRAC_CPU_INTERNAL_H
+#define FEDRAC_CPU_INTERNAL_H
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "fedrac_kernels.h"
+
+#define FK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace fkcpu {
+
+/* ---- errors (thread-local message read back by fk_last_error) -------------------------------- */
+int fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+void clear_error();
+
+/* ---- threads --------------------------------------------------------------------------------- */
+/* Threads to use: nthreads <= 0 -> OpenMP default; never more than one per `min_work` units of
+ * work (small calls run on the calling thread: a fork/join costs more than they do). */
+int pick_threads(int nthreads, int64_t work, int64_t min_work);
+
+/* ---- instruction-set levels ------------------------------------------------------------------ */
+enum Isa : int { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+Isa detected_isa();
+Isa active_isa();
+/* Force a level <= the detected one; returns the previous level, or -1 if not supported. */
+int set_isa(int level);
+const char* isa_name(int level);
+
+/* Span kernels. One client's contribution over n contiguous elements:
+ *   x = widen(v[j]); a = (gate == NULL || gate[j] != 0) && (!nonzero || x != 0)
+ *   if a: num[j] = num[j] + w*x; den[j] = den[j] + w
+ * With track != 0, returns nonzero iff some active x is not finite (else returns 0: the fast path
+ * does no such test; an active non-finite value always leaves num non-finite, so callers test num
+ * once per tile and re-run the tile with track = 1 only then). Gated spans skip 64-element chunks
+ * whose gate bytes are all zero (their values are never read). */
+typedef uint32_t (*accum_fn)(float* num, float* den, const void* v, int dtype, const uint8_t* gate,
+                             int64_t n, float w, int nonzero, int track);
+/* G (1..4) clients at once, non-zero rule, no gates, added in order c = 0..G-1 (bit-identical to
+ * G accum calls). With track, bit c of the result flags client c. */
+typedef uint32_t (*accum_group_fn)(float* num, float* den, const void* const* v, int dtype,
+                                   const float* w, int64_t n, int G, int track);
+/* 1 iff some x[j] is inf or nan */
+typedef int (*any_nonfinite_fn)(const float* x, int64_t n);
+/* out[j] = den[j] > 0 ? g[j] + num[j] / den[j] : g[j]   (out may equal g) */
+typedef void (*finalize_fn)(float* out, const float* g, const float* num, const float* den, int64_t n);
+/* dst[j] = widen(src[j]) */
+typedef void (*widen_fn)(float* dst, const void* src, int dtype, int64_t n);
+
+struct SpanKernels {
+  accum_fn accum;
+  accum_group_fn accum_nz_group;
+  any_nonfinite_fn any_nonfinite;
+  finalize_fn finalize;
+  widen_fn widen;
+};
+const SpanKernels& span_kernels();  // for the active level
+const SpanKernels& span_kernels_for(Isa level);
+
+/* ---- exact narrow-float widening (no FP arithmetic on subnormals: immune to DAZ/FTZ) --------- */
+static FK_ALWAYS_INLINE float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static FK_ALWAYS_INLINE uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+static FK_ALWAYS_INLINE float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+static FK_ALWAYS_INLINE float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;  // exponent and mantissa
+  // normal: re-bias the exponent (15 -> 127) by an integer add; inf/nan: all-ones exponent.
+  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  const uint32_t special = (em << 13) | 0x7f800000u;
+  // subnormal: m * 2^-24 with m < 1024 -> an exact int->float conversion and a power-of-two scale.
+  const uint32_t sub = f32_to_bits((float)(int32_t)em * 0x1p-24f);
+  const uint32_t mag = em < 0x0400u ? sub : (em >= 0x7c00u ? special : normal);
+  return bits_to_f32(sign | mag);
+}
+
+static inline size_t dtype_size(int dtype) { return dtype == FK_F32 ? 4 : 2; }
+
+}  // namespace fkcpu
+
+/* Test / benchmark hooks exported to the binding (not part of the ABI). */
+extern "C" {
+int fk_cpu_set_isa(int level);  // returns the previous level, or -1
+int fk_cpu_get_isa(void);
+int fk_cpu_detected_isa(void);
+const char* fk_cpu_isa_name(int level);
+/* Gate-table budget (bytes) for the structured kernel; above it gates are built per tile. */
+int64_t fk_cpu_set_gate_table_limit(int64_t bytes);
+/* 1 if a*b+c is evaluated as two roundings in code compiled with an FMA-capable target. */
+int fk_cpu_fp_contract_off(void);
+}
+
+#endif /* FEDRAC_CPU_INTERNAL_H */
