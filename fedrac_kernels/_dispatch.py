@@ -9,6 +9,7 @@ value checks also hold inside a ``torch.compile``'d graph.
 from __future__ import annotations
 
 import contextlib
+import math
 import inspect
 import logging
 import os
@@ -27,6 +28,7 @@ _log = logging.getLogger("fedrac_kernels")
 _status_cache: dict = {}
 _logged: set = set()
 _device_cache: dict = {}
+_resolve_cache: dict = {}
 
 
 # ---- back-end status and selection --------------------------------------------------------------
@@ -41,6 +43,7 @@ def clear_cache() -> None:
     """Forget cached back-end statuses (tests; after building a native module in-process)."""
     _status_cache.clear()
     _device_cache.clear()
+    _resolve_cache.clear()
     _logged.clear()
 
 
@@ -98,6 +101,15 @@ def supports_device(name: str, device: torch.device) -> tuple:
 
 
 def resolve(backend: Optional[str], device: torch.device):
+    key = (backend or None, os.environ.get(ENV_VAR, ""), device.type)
+    mod = _resolve_cache.get(key)
+    if mod is None:
+        mod = _resolve(backend, device)
+        _resolve_cache[key] = mod
+    return mod
+
+
+def _resolve(backend: Optional[str], device: torch.device):
     """The back-end module to use for tensors on ``device``.
 
     Order: ``backend`` argument > ``$FEDRAC_KERNELS_BACKEND`` > the device default (CUDA tensors:
@@ -152,26 +164,48 @@ def device_guard(device: torch.device):
 
 
 # ---- value checks -----------------------------------------------------------------------------
-def check_weight_values(w: torch.Tensor, name: str = "weights") -> None:
-    """ValueError if any weight is negative or non-finite, or all are zero (one host sync)."""
-    bad = (w < 0) | ~torch.isfinite(w)
-    flags = torch.stack([bad.any(), (w > 0).any()]).tolist()
-    if flags[0]:
+def check_weight_values(w: torch.Tensor, name: str = "weights", allow_all_zero: bool = False) -> None:
+    """ValueError if any weight is negative or non-finite, or all are zero (one host sync on GPUs)."""
+    if w.device.type == "cpu":
+        vals = w.tolist()
+        bad = any(not (v >= 0.0 and v != math.inf) for v in vals)  # NaN fails v >= 0
+        positive = any(v > 0.0 for v in vals)
+    else:
+        flags = torch.stack([((w < 0) | ~torch.isfinite(w)).any(), (w > 0).any()]).tolist()
+        bad, positive = flags
+    if bad:
         wc = w.detach().cpu()
         neg = (wc < 0).nonzero().flatten().tolist()
         nf = (~torch.isfinite(wc)).nonzero().flatten().tolist()
         if nf:
             raise ValueError(f"{name}: non-finite weight(s) at client(s) {nf}: {wc[nf].tolist()}")
         raise ValueError(f"{name}: negative weight(s) at client(s) {neg}: {wc[neg].tolist()}; weights must be >= 0")
-    if not flags[1]:
+    if not positive and not allow_all_zero:
         raise ValueError(f"{name}: all weights are zero; at least one client needs a positive weight")
 
 
-def prepare_weights(w: torch.Tensor, device: torch.device, name: str = "weights") -> torch.Tensor:
+def prepare_weights(w: torch.Tensor, device: torch.device, name: str = "weights", checked: bool = False) -> torch.Tensor:
     """Checked float32 contiguous weights on ``device`` (checked where they live: no sync for CPU)."""
     w = w.to(torch.float32)
-    check_weight_values(w, name)
+    if not checked:
+        check_weight_values(w, name)
     return w.to(device).contiguous()
+
+
+class no_grad:
+    """``torch.no_grad()`` without its per-call overhead (the ops never build autograd graphs)."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        self.prev = torch.is_grad_enabled()
+        if self.prev:
+            torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc):
+        if self.prev:
+            torch._C._set_grad_enabled(True)
+        return False
 
 
 def check_no_nan(t: torch.Tensor, name: str) -> None:
@@ -207,7 +241,7 @@ def _check_policy(nonfinite: str) -> None:
 
 
 def finalize(kind: str, extra: tuple, g: torch.Tensor, rows: list, weights: torch.Tensor, backend: str,
-             nonfinite: str, arg: str = "deltas") -> torch.Tensor:
+             nonfinite: str, arg: str = "deltas", weights_checked: bool = False) -> torch.Tensor:
     """Run ``kind`` (dense / structured / compact) in finalize mode into ``g``; returns int32 flags [K].
 
     ``raise``: compute into a scratch buffer, raise naming the flagged clients (``g`` untouched) or
@@ -217,12 +251,12 @@ def finalize(kind: str, extra: tuple, g: torch.Tensor, rows: list, weights: torc
     _check_policy(nonfinite)
     device = g.device
     mod = resolve(backend or None, device)
-    weights = prepare_weights(weights, device)
+    weights = prepare_weights(weights, device, checked=weights_checked)
     K, P = len(rows), g.numel()
     flags = torch.zeros(K, dtype=torch.int32, device=device)
     if P == 0:
         return flags
-    with torch.no_grad(), device_guard(device):
+    with no_grad(), device_guard(device):
         if nonfinite == "assume_finite":
             call(mod, kind, Accum(rows, weights, flags, P, out=g, g=g), extra)
             return flags
@@ -247,7 +281,7 @@ def finalize(kind: str, extra: tuple, g: torch.Tensor, rows: list, weights: torc
 def frequency_update(freq, masks, rank, sizes, backend: str) -> None:
     check_no_nan(freq, "freq")
     mod = resolve(backend or None, freq.device)
-    with torch.no_grad(), device_guard(freq.device):
+    with no_grad(), device_guard(freq.device):
         mod.frequency_update(freq, masks, rank, sizes)
 
 
@@ -257,7 +291,7 @@ def stable_argsort(freq: torch.Tensor, backend: str) -> torch.Tensor:
     if freq.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=freq.device)
     keys = freq + 0 if freq.is_floating_point() else freq  # -0.0 -> +0.0: one key for both zeros
-    with torch.no_grad(), device_guard(freq.device):
+    with no_grad(), device_guard(freq.device):
         return mod.stable_argsort(keys.contiguous())
 
 
@@ -266,7 +300,7 @@ def nested_masks(order: torch.Tensor, sizes: torch.Tensor, backend: str) -> torc
     mod = resolve(backend or None, order.device)
     if sizes.numel() == 0:
         return torch.zeros(0, order.numel(), dtype=torch.bool, device=order.device)
-    with torch.no_grad(), device_guard(order.device):
+    with no_grad(), device_guard(order.device):
         return mod.nested_masks(order, sizes)
 
 

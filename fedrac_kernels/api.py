@@ -125,29 +125,49 @@ def rows_of(deltas, name: str, P: Optional[int], device: torch.device, lengths=N
     return list(deltas)
 
 
-def weights_of(weights, K: int) -> torch.Tensor:
-    """float32 [K] weights, metadata-checked; values are checked where they are used."""
+_ONES: dict = {}
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def weights_of(weights, K: int, device: Optional[torch.device] = None, check: bool = True,
+               name: str = "weights", tracing: bool = False) -> tuple:
+    """(float32 [K] weights, whether their values were checked).
+
+    None gives ones on ``device`` (nothing to check); a sequence is checked on the host now (when
+    ``check``); a tensor's values are checked by the op, where the tensor lives. ``tracing``
+    (compile / fake tensors): build fresh tensors and leave every value check to the op.
+    """
     if weights is None:
-        return torch.ones(K, dtype=torch.float32)
+        if tracing:
+            return torch.ones(K, dtype=torch.float32, device=device), True
+        key = (K, str(device))
+        t = _ONES.get(key)
+        if t is None:
+            t = _ONES[key] = torch.ones(K, dtype=torch.float32, device=device)
+        return t, True
     if isinstance(weights, torch.Tensor):
         if weights.dtype == torch.bool or weights.is_complex() or not (weights.is_floating_point() or
-                                                                       weights.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-            raise TypeError(f"weights: expected real numbers, got dtype {weights.dtype}")
+                                                                       weights.dtype in _INT_DTYPES):
+            raise TypeError(f"{name}: expected real numbers, got dtype {weights.dtype}")
         if weights.dim() != 1 or weights.numel() != K:
-            raise ValueError(f"weights: expected K={K} values, got shape {tuple(weights.shape)}")
-        return weights.to(torch.float32)
+            raise ValueError(f"{name}: expected K={K} values, got shape {tuple(weights.shape)}")
+        return weights.to(torch.float32), False
     if isinstance(weights, (str, bytes)):
-        raise TypeError(f"weights: expected a tensor or a sequence of K numbers, got {type(weights).__name__}")
+        raise TypeError(f"{name}: expected a tensor or a sequence of K numbers, got {type(weights).__name__}")
     try:
         vals = list(weights)
     except TypeError:
-        raise TypeError(f"weights: expected a tensor or a sequence of K numbers, got {type(weights).__name__}") from None
+        raise TypeError(f"{name}: expected a tensor or a sequence of K numbers, got {type(weights).__name__}") from None
     for v in vals:
         if isinstance(v, bool) or not isinstance(v, (int, float)) and not (isinstance(v, torch.Tensor) and v.numel() == 1):
-            raise TypeError(f"weights: expected numbers, got {type(v).__name__} ({v!r})")
+            raise TypeError(f"{name}: expected numbers, got {type(v).__name__} ({v!r})")
     if len(vals) != K:
-        raise ValueError(f"weights: expected K={K} values, got {len(vals)}")
-    return torch.tensor([float(v) for v in vals], dtype=torch.float32)
+        raise ValueError(f"{name}: expected K={K} values, got {len(vals)}")
+    t = torch.tensor([float(v) for v in vals], dtype=torch.float32)
+    if check and not tracing:
+        _dispatch.check_weight_values(t, name)
+        return t, True
+    return t, False
 
 
 def masks_of(masks, K: int, P: int, device: torch.device, name: str = "masks") -> list:
@@ -224,9 +244,9 @@ def neuron_masks_of(neuron_masks, K: Optional[int], N: int, device: torch.device
 
 
 def check_no_alias(g: torch.Tensor, rows: list, name: str) -> None:
-    """ValueError when an input row overlaps ``g`` (the in-place update would read its own output)."""
-    if library.use_ops(g, *rows):  # tracing / fake tensors: no real memory to compare
-        return
+    """ValueError when an input row overlaps ``g`` (the in-place update would read its own output).
+
+    Call only with real tensors (not while tracing)."""
     try:
         gs = g.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
@@ -322,16 +342,18 @@ def masked_mean_update_(global_params: torch.Tensor, deltas, *, weights=None, ma
     P, dev = g.numel(), g.device
     rows = rows_of(deltas, "deltas", P, dev)
     K = len(rows)
-    w = weights_of(weights, K)
+    ops = library.use_ops(g, *rows)
+    w, checked = weights_of(weights, K, dev, tracing=ops)
     m = masks_of(masks, K, P, dev)
     check_backend_arg(backend)
     check_nonfinite(nonfinite)
     check_report(report)
-    check_no_alias(g, rows, "deltas")
-    if library.use_ops(g, *rows):
+    if ops:
         flags = torch.ops.fedrac.masked_mean_update_(g, rows, w, m, backend or "", nonfinite)
     else:
-        flags = _dispatch.finalize("dense", (m or None,), g, rows, w, backend or "", nonfinite)
+        check_no_alias(g, rows, "deltas")
+        flags = _dispatch.finalize("dense", (m or None,), g, rows, w, backend or "", nonfinite,
+                                   weights_checked=checked)
     after_aggregation(flags, nonfinite, report, "masked_mean_update_")
     return global_params
 
@@ -372,22 +394,23 @@ def structured_mean_update_(global_params: torch.Tensor, deltas, layout: NeuronL
     check_layout(layout, P)
     rows = rows_of(deltas, "deltas", P, dev)
     K = len(rows)
-    w = weights_of(weights, K)
+    ops = library.use_ops(g, *rows)
+    w, checked = weights_of(weights, K, dev, tracing=ops)
     nm, rank, sizes = neuron_masks_of(neuron_masks, K, layout.N, dev)
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
     check_backend_arg(backend)
     check_nonfinite(nonfinite)
     check_report(report)
-    check_no_alias(g, rows, "deltas")
     segs = layout.segment_table(dev)
     nonzero = rule == "nonzero"
-    if library.use_ops(g, *rows):
+    if ops:
         flags = torch.ops.fedrac.structured_mean_update_(g, rows, w, segs, layout.N, nm, rank, sizes, nonzero,
                                                          backend or "", nonfinite)
     else:
+        check_no_alias(g, rows, "deltas")
         flags = _dispatch.finalize("structured", (segs, layout.N, nm, rank, sizes, nonzero), g, rows, w,
-                                   backend or "", nonfinite)
+                                   backend or "", nonfinite, weights_checked=checked)
     after_aggregation(flags, nonfinite, report, "structured_mean_update_")
     return global_params
 
@@ -472,18 +495,19 @@ def compact_mean_update_(global_params: torch.Tensor, uploads, layout: NeuronLay
     K = len(rows)
     if K != tables.K:
         raise ValueError(f"uploads: {K} uploads, but kept describes {tables.K} clients")
-    w = weights_of(weights, K)
+    ops = library.use_ops(g, *rows)
+    w, checked = weights_of(weights, K, dev, tracing=ops)
     check_backend_arg(backend)
     check_nonfinite(nonfinite)
     check_report(report)
-    check_no_alias(g, rows, "uploads")
     segs = layout.segment_table(dev)
-    if library.use_ops(g, *rows):
+    if ops:
         flags = torch.ops.fedrac.compact_mean_update_(g, rows, w, segs, layout.N, tables.inv, tables.seg_off,
                                                       tables.seg_cols, backend or "", nonfinite)
     else:
+        check_no_alias(g, rows, "uploads")
         flags = _dispatch.finalize("compact", (segs, layout.N, tables.inv, tables.seg_off, tables.seg_cols),
-                                   g, rows, w, backend or "", nonfinite, arg="uploads")
+                                   g, rows, w, backend or "", nonfinite, arg="uploads", weights_checked=checked)
     after_aggregation(flags, nonfinite, report, "compact_mean_update_")
     return global_params
 

@@ -275,10 +275,8 @@ class StreamingAggregator:
     def _weights(self, weight, K: int) -> torch.Tensor:
         if isinstance(weight, (int, float)) and not isinstance(weight, bool):
             weight = [float(weight)] * K
-        w = weights_of(weight, K).to("cpu")
-        bad = (w < 0) | ~torch.isfinite(w)
-        if bool(bad.any()):
-            _dispatch.check_weight_values(w, "weight")
+        w = weights_of(weight, K, check=False, name="weight")[0].to("cpu")
+        _dispatch.check_weight_values(w, "weight", allow_all_zero=True)
         return w
 
     def _spare_pair(self) -> tuple:
@@ -290,7 +288,7 @@ class StreamingAggregator:
         """One pass over the chunk: init -> acc, piecewise through the pipeline when copying."""
         P = self._P
         via_pipe = self._force_pipeline or groups[0][0].device != self._device
-        with torch.no_grad(), _dispatch.device_guard(self._device):
+        with _dispatch.no_grad(), _dispatch.device_guard(self._device):
             if not via_pipe:
                 a = Accum([g[0] for g in groups], w_dev, flags, P, init_num=init[0], init_den=init[1],
                           acc_num=acc[0], acc_den=acc[1])

@@ -188,7 +188,7 @@ STREAM_CASES = [
     ("a-mask-dtype", lambda a, c: a.add(c.d[0], mask=torch.ones(P)), TypeError, r"^mask: expected dtype torch.bool"),
     ("a-w-neg", lambda a, c: a.add(c.d, weight=-1.0), ValueError, r"^weight: negative"),
     ("a-w-nan", lambda a, c: a.add(c.d, weight=[1.0, float("nan"), 1.0]), ValueError, r"^weight: non-finite"),
-    ("a-w-len", lambda a, c: a.add(c.d, weight=[1.0, 2.0]), ValueError, r"^weights: expected K=3 values"),
+    ("a-w-len", lambda a, c: a.add(c.d, weight=[1.0, 2.0]), ValueError, r"^weight: expected K=3 values"),
     ("a-device", lambda a, c: a.add(c.d.to("meta")), ValueError, r"^delta: on meta"),
     ("a-nonfinite", lambda a, c: a.add(c.d + _nan((K, P), 5)), ValueError, r"^delta: non-finite .*state is unchanged"),
     ("s-no-layout", lambda a, c: fk.StreamingAggregator(P).add_structured(c.d, c.nm), ValueError,
