@@ -284,6 +284,7 @@ def test_cuda_state_with_host_chunks_equals_batched(pinned, with_masks, gen):
     for budget in (P * 2 + 1, 3 * P * 3, 1 << 30):  # one row per piece, a few rows, everything
         agg = fk.StreamingAggregator(g0, transfer_bytes=budget)
         side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())  # g0 and the zeroed state were made there
         with torch.cuda.stream(side):  # the pipeline follows the caller's current stream
             agg.add(d[:5], w[:5], None if m is None else m[:5])
             agg.add(list(d[5:].unbind(0)), w[5:], None if m is None else list(m[5:].unbind(0)))
