@@ -129,6 +129,8 @@ def _resolve(backend: Optional[str], device: torch.device):
             raise ValueError(f"backend: {ENV_VAR}={env!r} is unavailable: {why}")
         if supports_device(env, device)[0]:
             return _chosen(env, device)
+        _log.info("fedrac_kernels: %s=%r does not handle %s tensors; using the default for them",
+                  ENV_VAR, env, device.type)
     for name in _DEVICE_DEFAULTS.get(device.type, ("torch",)):
         if status(name)[0] and supports_device(name, device)[0]:
             return _chosen(name, device)

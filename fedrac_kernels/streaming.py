@@ -216,10 +216,13 @@ class StreamingAggregator:
         if self._positive == 0:
             raise ValueError("weights: every client added so far has weight 0 (or was dropped); at least one "
                              "client needs a positive weight")
-        with torch.no_grad():
+        with _dispatch.no_grad():
+            # the back ends' finalize, op for op (IEEE division, then addition), with few temporaries
             pos = self._den > 0
-            safe = torch.where(pos, self._den, torch.ones_like(self._den))
-            g.copy_(torch.where(pos, g + self._num / safe, g))
+            t = torch.where(pos, self._den, torch.ones((), dtype=torch.float32, device=self._device))
+            torch.div(self._num, t, out=t)
+            t.add_(g)
+            g.copy_(torch.where(pos, t, g))
         return global_params
 
     def reset(self) -> None:

@@ -293,6 +293,20 @@ def test_dense_deterministic(backend, gen):
     assert torch.equal(a, b)
 
 
+def test_normalisation_makes_views_not_copies(gen):
+    from fedrac_kernels.api import masks_of, rows_of
+
+    d = rand_deltas(gen, 4, 64, torch.bfloat16)
+    rows = rows_of(d, "deltas", 64, d.device)
+    assert [r.data_ptr() for r in rows] == [d[k].data_ptr() for k in range(4)]
+    wide = rand_deltas(gen, 4, 100)[:, :64]  # rows strided by 100: still contiguous 1-D views
+    assert [r.data_ptr() for r in rows_of(wide, "deltas", 64, wide.device)] == [wide[k].data_ptr() for k in range(4)]
+    m = torch.rand(4, 64, generator=gen) < 0.5
+    assert [r.data_ptr() for r in masks_of(m, 4, 64, m.device)] == [m[k].data_ptr() for k in range(4)]
+    lst = list(d.unbind(0))
+    assert rows_of(lst, "deltas", 64, d.device) == lst
+
+
 def test_noncontiguous_2d_deltas_are_copied(gen):
     d = rand_deltas(gen, 5, 3, torch.float32)
     g0 = torch.randn(5, generator=gen)
