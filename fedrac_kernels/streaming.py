@@ -21,7 +21,7 @@ from . import _dispatch
 from .api import (check_backend_arg, check_global, check_layout, check_nonfinite, kept_for_one, masks_of,
                   neuron_masks_of, rows_of, weights_of)
 from .backends import Accum
-from .layout import NestedMasks, NeuronLayout
+from .layout import NeuronLayout
 
 __all__ = ["StreamingAggregator"]
 
