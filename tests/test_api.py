@@ -231,7 +231,8 @@ def test_oracle_matches_float64_formula(gen):
         g0 = torch.randn(P, generator=gen)
         want = torch.where(den > 0, g0.double() + num / den.clamp_min(1e-300), g0.double())
         got = oracle_dense(g0, d, w, masks)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        err = (got.double() - want).abs()
+        assert bool((err <= 1e-5 * (1 + want.abs())).all()), float(err.max())
 
 
 # ----------------------------------------------------------------------- dense, every back end
@@ -283,7 +284,7 @@ def test_dense_default_weights_and_policies_agree(backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dense_deterministic(backend, gen):
     dev = dev_of(backend)
-    K, P = (4, 509) if small(backend) else (9, 50021)
+    K, P = (4, 509) if small(backend) else ((9, 10007) if backend == "torch" else (9, 50021))
     d = rand_deltas(gen, K, P, torch.bfloat16).to(dev)
     w = rand_weights(gen, K).to(dev)
     g0 = torch.randn(P, generator=gen).to(dev)
