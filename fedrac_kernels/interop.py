@@ -61,6 +61,7 @@ Bad arguments raise ``ValueError`` / ``TypeError`` whose message starts with the
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence
 
@@ -234,14 +235,34 @@ def _slice(t: torch.Tensor, gate, neuron_set, device=None, name: str = "neuron_s
     return t
 
 
-def _slice_checked(t: torch.Tensor, gate, ns) -> torch.Tensor:
-    """:func:`_slice` for index sets already checked by :func:`_check_neuron_sets` (int64, CPU)."""
-    o_site, i_site = gate
-    if o_site is not None and o_site in ns:
-        t = t.index_select(0, ns[o_site].to(t.device))
-    if i_site is not None and i_site in ns:
-        t = t.index_select(1, ns[i_site].to(t.device))
+def _slice_checked(t: torch.Tensor, gate, ns, ranges) -> torch.Tensor:
+    """:func:`_slice` for index sets already checked by :func:`_check_neuron_sets` (int64, CPU).
+
+    ``ranges[site]`` is the start of an ascending contiguous index range (then a view is taken
+    instead of a gather: FjORD / HeteroFL prefixes) or None.
+    """
+    for dim, site in ((0, gate[0]), (1, gate[1])):
+        if site is None or site not in ns:
+            continue
+        start = ranges.get(site)
+        if start is not None:
+            t = t.narrow(dim, start, ns[site].numel())
+        else:
+            t = t.index_select(dim, ns[site].to(t.device))
     return t
+
+
+def _range_start(idx: torch.Tensor) -> Optional[int]:
+    """``idx[0]`` when ``idx`` is ``arange(idx[0], idx[0] + n)``, else None (idx: checked, no repeats)."""
+    n = idx.numel()
+    if n == 0:
+        return 0
+    a, b = int(idx[0]), int(idx[-1])
+    if b - a != n - 1:
+        return None
+    if n > 2 and not bool((idx[1:] > idx[:-1]).all()):
+        return None
+    return a
 
 
 def _idx(x, width: int, name: str, device) -> torch.Tensor:
@@ -346,8 +367,8 @@ def aggregate_state_dicts(global_state: Mapping[str, torch.Tensor], client_state
                           *, neuron_sets: Optional[Sequence[Optional[Mapping[str, object]]]] = None,
                           gates: Optional[Mapping[str, tuple]] = None, sites=None, weights=None,
                           rule: str = "structural", backend: Optional[str] = None, client_format: str = "auto",
-                          nonfinite: str = "raise", report: Optional[dict] = None,
-                          inplace: bool = False) -> "OrderedDict[str, torch.Tensor]":
+                          nonfinite: str = "raise", report: Optional[dict] = None, inplace: bool = False,
+                          device=None) -> "OrderedDict[str, torch.Tensor]":
     """Aggregate K client ``state_dict`` s into a new global ``state_dict`` with the fused kernels.
 
     Args:
@@ -371,14 +392,20 @@ def aggregate_state_dicts(global_state: Mapping[str, torch.Tensor], client_state
             :func:`fedrac_kernels.masked_mean_update_`; dropped clients are listed in
             ``report["dropped_clients"]`` when a dict is passed as ``report``.
         inplace: write the result into ``global_state``'s tensors and return ``global_state``.
+        device: where to aggregate (default: the global tensors' device); client tensors are
+            moved there pack by pack.
+
+    Memory: the clients' tensors are handed to the kernels as they are (sub-model slices to
+    :func:`fedrac_kernels.compact_mean_update_`, full-size tensors to
+    :func:`fedrac_kernels.structured_mean_update_`), one kernel call per large tensor and one per
+    run of small ones, so besides the result only copies of one small-tensor pack (or of a
+    non-contiguous / converted tensor) are ever live. Splitting into calls never changes a bit.
 
     Returns:
         A new ``OrderedDict`` with ``global_state``'s keys, order, shapes, dtypes and device (or
         ``global_state`` itself when ``inplace``). Entries are new tensors; floating entries of one
         aggregation group may share one storage.
     """
-    from . import api as _api  # late: the package imports this module
-
     # ---- arguments ----
     if not isinstance(global_state, Mapping):
         raise TypeError(f"global_state: expected a mapping key -> tensor (a state_dict), got {type(global_state).__name__}")
@@ -420,7 +447,12 @@ def aggregate_state_dicts(global_state: Mapping[str, torch.Tensor], client_state
     devices = {global_state[k].device for k in float_keys}
     if len(devices) > 1:
         raise ValueError(f"global_state: floating entries live on several devices {sorted(map(str, devices))}")
-    device = devices.pop() if devices else torch.device("cpu")
+    gdev = devices.pop() if devices else torch.device("cpu")
+    device = torch.device(device) if device is not None else gdev
+    if nonfinite not in ("raise", "drop", "assume_finite"):
+        raise ValueError(f"nonfinite: expected one of ('raise', 'drop', 'assume_finite'), got {nonfinite!r}")
+    if report is not None and not isinstance(report, dict):
+        raise TypeError(f"report: expected a dict or None, got {type(report).__name__}")
 
     # ---- per client: keys, shapes, format ----
     fmt = []
@@ -484,12 +516,21 @@ def aggregate_state_dicts(global_state: Mapping[str, torch.Tensor], client_state
         wk = [1.0 if w is None else w[k] for k in holders]
         if not any(x > 0 for x in wk):
             continue  # every sender has weight 0: the keys keep their global values
-        res, dropped = _aggregate_group(_api, global_state, client_states, keys, holders, wk, gates, site_items,
+        res, dropped = _aggregate_group(global_state, client_states, keys, holders, wk, gates, site_items,
                                         sets, fmt, rule, backend, nonfinite, device)
         dropped_all.extend(holders[j] for j in dropped)
         results.update(res)
+    dropped_all = sorted(set(dropped_all))
+    if dropped_all and nonfinite == "raise":
+        raise ValueError(f"client_states: non-finite values (NaN/Inf) on held elements of client(s) {dropped_all}; "
+                         f"nothing was written (nonfinite='drop' excludes such clients)")
+    if dropped_all:
+        warnings.warn(f"aggregate_state_dicts: dropped client(s) {dropped_all}: non-finite values on held elements",
+                      RuntimeWarning, stacklevel=2)
     if report is not None:
-        report["dropped_clients"] = sorted(set(dropped_all))
+        report["dropped_clients"] = dropped_all
+    if gdev != device:
+        results = {k: v.to(gdev) for k, v in results.items()}
 
     # ---- assemble ----
     if inplace:
@@ -515,117 +556,251 @@ def _sub_shape(full_shape: tuple, gate, neuron_set) -> tuple:
     return tuple(shp)
 
 
-def _aggregate_group(_api, global_state, client_states, keys, holders, wk, gates, site_items, sets, fmt, rule,
+def _flat_view(tensors, dtype, device) -> Optional[torch.Tensor]:
+    """A 1-D view covering ``tensors`` back to back when they already tile one buffer (no copy), else None.
+
+    True for modules bound to one flat buffer (:func:`fedrac_kernels.bind_flat_parameters_`) and for
+    state dicts built as views of a flat upload.
+    """
+    if not tensors:
+        return None
+    t0 = tensors[0]
+    if t0.dtype != dtype or t0.device != device:
+        return None
+    try:
+        st = t0.untyped_storage()
+        base = st.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    start = t0.storage_offset()
+    pos = start
+    for t in tensors:
+        if (t.dtype != dtype or t.device != device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != base or t.storage_offset() != pos):
+            return None
+        pos += t.numel()
+    flat = torch.empty(0, dtype=dtype, device=device)
+    flat.set_(st, start, (pos - start,), (1,))
+    return flat
+
+
+_PACK_ELEMS = 1 << 16   # tensors with fewer elements are packed with their neighbours (copied)
+
+
+def _packs(keys, global_state) -> list:
+    """Consecutive runs of keys reduced by one kernel call each.
+
+    A tensor of at least ``_PACK_ELEMS`` elements is its own pack, so the clients' tensors are passed
+    to the kernel as they are (no copy when contiguous); smaller neighbours (biases, norms) are
+    packed together so there are few calls. Results are per element, so packing never changes them.
+    """
+    packs, cur, cur_n = [], [], 0
+    for key in keys:
+        n = global_state[key].numel()
+        if n >= _PACK_ELEMS:
+            if cur:
+                packs.append(cur)
+                cur, cur_n = [], 0
+            packs.append([key])
+            continue
+        cur.append(key)
+        cur_n += n
+        if cur_n >= _PACK_ELEMS:
+            packs.append(cur)
+            cur, cur_n = [], 0
+    if cur:
+        packs.append(cur)
+    return packs
+
+
+def _aggregate_group(global_state, client_states, keys, holders, wk, gates, site_items, sets, fmt, rule,
                      backend, nonfinite, device):
-    """Aggregate the float ``keys`` that exactly the clients ``holders`` sent; returns ({key: tensor}, dropped)."""
+    """Aggregate the float ``keys`` that exactly the clients ``holders`` sent.
+
+    Returns ({key: new tensor}, positions in ``holders`` of the clients dropped for NaN/Inf).
+
+    The keys are reduced pack by pack (:func:`_packs`): one kernel call per pack over all clients,
+    each client's tensors passed as they are where possible (sub-model slices to
+    ``compact_mean_update_``, full-size tensors to ``structured_mean_update_``), so the extra
+    memory is one P-sized result plus, at most, copies of one pack. The kernels' "drop" policy
+    detects non-finite clients during the pass; a client flagged anywhere is then excluded
+    everywhere (a second pass with its weight set to 0), and the caller raises for "raise".
+    """
+    from . import api
     from .layout import NeuronLayout
 
-    gated = any(gates.get(key, (None, None)) != (None, None) for key in keys)
-    any_set = any(sets[k] is not None for k in holders)
-    sites_l = list(site_items) if site_items else []
-    if not sites_l:
-        sites_l = [(_DUMMY_SITE, 1)]  # the kernels want at least one site; nothing is gated by it
+    sites_l = list(site_items) if site_items else [(_DUMMY_SITE, 1)]
     params = [(key, tuple(global_state[key].shape)) + tuple(gates.get(key, (None, None))) for key in keys]
     layout = NeuronLayout(sites_l, params)
-    offs = {s.name: s.offset for s in layout.sites}
-    g_flat = torch.cat([global_state[key].detach().reshape(-1).to(device=device, dtype=torch.float32) for key in keys]) \
-        if keys else torch.zeros(0, dtype=torch.float32, device=device)
-    weights_t = torch.tensor(wk, dtype=torch.float32)
-    report: dict = {}
+    any_set = any(gates.get(key, (None, None)) != (None, None) for key in keys) and \
+        any(sets[k] is not None for k in holders)
+    policy = "assume_finite" if nonfinite == "assume_finite" else "drop"
+    site_pos = {s.name: j for j, s in enumerate(layout.sites)}
 
-    def on_row(k) -> torch.Tensor:
-        """bool [N]: the neurons client k holds."""
-        row = torch.ones(layout.N, dtype=torch.bool)
+    on_all = torch.ones(len(holders), layout.N, dtype=torch.bool)      # [K, N] neurons held
+    for j, k in enumerate(holders):
         ns = sets[k]
         if ns is not None:
             for site, idx in ns.items():
-                o = offs[site]
-                w = layout.site(site).width
-                row[o:o + w] = False
-                row[o + idx] = True
-        return row
-
-    if rule == "nonzero":
-        deltas = []
-        for k in holders:
-            st = client_states[k]
-            d = torch.cat([st[key].detach().reshape(-1).to(device=device, dtype=torch.float32) for key in keys])
-            d.sub_(g_flat)
-            deltas.append(d)
-        new = g_flat.clone()
-        if gated and any_set:
-            nm = torch.stack([on_row(k) for k in holders]).to(device)
-            _api.structured_mean_update_(new, deltas, layout, nm, weights=weights_t, rule="nonzero",
-                                         backend=backend, nonfinite=nonfinite, report=report)
-        else:
-            _api.masked_mean_update_(new, deltas, weights=weights_t, masks=None, backend=backend,
-                                     nonfinite=nonfinite, report=report)
-        del deltas
-        dropped = list(report.get("dropped_clients", []))
-        return _split(new, keys, global_state), dropped
-
-    # structural: the mean of the held *values* (zero-based accumulation), then keep the old value
-    # wherever no (weighted, non-dropped) client holds the element.
+                st = layout.site(site)
+                on_all[j, st.offset:st.offset + st.width] = False
+                on_all[j, st.offset + idx] = True
+    ascending = all(sets[k] is None or all(idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
+                                           for idx in sets[k].values()) for k in holders)
+    ranges = {k: {site: _range_start(idx) for site, idx in sets[k].items()}
+              for k in holders if fmt[k] == "full" and sets[k] is not None}
     dts = {client_states[k][key].dtype for k in holders for key in keys}
     up_dtype = dts.pop() if len(dts) == 1 and next(iter(dts), None) in _COMPACT_DTYPES else torch.float32
-    uploads, kept = [], []
-    for k in holders:
+    if rule == "nonzero":
+        up_dtype = torch.float32
+    all_full = all(fmt[k] == "full" for k in holders)
+
+    packs = []
+    off = 0
+    for pk in _packs(keys, global_state):
+        used = sorted({s for key in pk for s in gates.get(key, (None, None)) if s is not None}, key=site_pos.get)
+        sub_sites = [(s, layout.site(s).width) for s in used] or [(_DUMMY_SITE, 1)]
+        lay = NeuronLayout(sub_sites, [(key, tuple(global_state[key].shape)) + tuple(gates.get(key, (None, None)))
+                                       for key in pk])
+        cols = torch.cat([torch.arange(layout.site(s).offset, layout.site(s).offset + layout.site(s).width)
+                          for s in used]) if used else None
+        on = on_all[:, cols] if used else torch.ones(len(holders), 1, dtype=torch.bool)
+        packs.append((pk, lay, off, used, on))
+        off += lay.P
+
+    def rows_of(pk, k, slice_full: bool) -> torch.Tensor:
+        """Client k's values of pack ``pk`` as one 1-D tensor (a view when they already are one)."""
         st, ns = client_states[k], sets[k]
         parts = []
-        for key in keys:
+        for key in pk:
             t = st[key].detach()
-            if fmt[k] == "full" and ns is not None and key in gates:
-                t = _slice_checked(t, gates[key], ns)
-            parts.append(t.reshape(-1).to(device=device, dtype=up_dtype))
-        uploads.append(torch.cat(parts) if len(parts) > 1 else parts[0].contiguous())
-        idx = []
-        for s in layout.sites:
-            if ns is not None and s.name in ns:
-                idx.append(ns[s.name] + s.offset)
-            else:
-                idx.append(torch.arange(s.offset, s.offset + s.width, dtype=torch.int64))
-        kept.append(torch.cat(idx).to(device))
-    acc = torch.zeros_like(g_flat)
-    _api.compact_mean_update_(acc, uploads, layout, kept, weights=weights_t, backend=backend,
-                              nonfinite=nonfinite, report=report)
-    del uploads
-    dropped = list(report.get("dropped_clients", []))
-    live = [j for j, k in enumerate(holders) if wk[j] > 0 and j not in set(dropped)]
-    if gated and any_set:
-        on = torch.stack([on_row(holders[j]) for j in live]).to(device)
-        cov = _coverage(layout, on)
-        new = torch.where(cov, acc, g_flat)
-    elif live:
-        new = acc
-    else:
-        new = g_flat
-    return _split(new, keys, global_state), dropped
+            if slice_full and fmt[k] == "full" and ns is not None and key in gates:
+                t = _slice_checked(t, gates[key], ns, ranges[k])
+            parts.append(t)
+        flat = _flat_view(parts, up_dtype, device)
+        if flat is None:
+            flat = torch.cat([t.reshape(-1).to(device=device, dtype=up_dtype) for t in parts])
+        return flat
+
+    def kept_lists(used, k) -> torch.Tensor:
+        ns = sets[k]
+        idx, o = [], 0
+        for s in used:
+            w = layout.site(s).width
+            idx.append((ns[s] if ns is not None and s in ns else torch.arange(w)) + o)
+            o += w
+        return torch.cat(idx).to(device) if idx else torch.zeros(1, dtype=torch.int64, device=device)
+
+    acc = torch.empty(layout.P, dtype=torch.float32, device=device)
+    weights = list(wk)
+    dropped: set = set()
+    for _attempt in range(2):
+        found: set = set()
+        for pk, lay, off, used, on in packs:
+            out = acc[off:off + lay.P]
+            report: dict = {}
+            live = [j for j in range(len(holders)) if weights[j] > 0]
+            if not live:
+                break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                if rule == "nonzero":
+                    g = torch.cat([global_state[key].detach().reshape(-1).to(device=device, dtype=torch.float32)
+                                   for key in pk])
+                    out.copy_(g)
+                    deltas = [rows_of(pk, k, False).clone().sub_(g) if weights[j] > 0 else g
+                              for j, k in enumerate(holders)]
+                    if any_set and used:
+                        api.structured_mean_update_(out, deltas, lay, on.to(device), weights=weights, rule="nonzero",
+                                                    backend=backend, nonfinite=policy, report=report)
+                    else:
+                        api.masked_mean_update_(out, deltas, weights=weights, backend=backend, nonfinite=policy,
+                                                report=report)
+                    del deltas
+                elif all_full and any_set and used:
+                    out.zero_()
+                    rows = [rows_of(pk, k, False) for k in holders]
+                    api.structured_mean_update_(out, rows, lay, on.to(device), weights=weights, rule="structural",
+                                                backend=backend, nonfinite=policy, report=report)
+                    del rows
+                else:
+                    out.zero_()
+                    rows = [rows_of(pk, k, True) for k in holders]
+                    if ascending or not used:
+                        kept = on.to(device)
+                    else:
+                        kept = [kept_lists(used, k) for k in holders]
+                    api.compact_mean_update_(out, rows, lay, kept, weights=weights, backend=backend,
+                                             nonfinite=policy, report=report)
+                    del rows
+            found.update(report.get("dropped_clients", []))
+        if not found:
+            break
+        dropped |= found
+        if nonfinite == "raise":
+            return {}, sorted(dropped)
+        weights = [0.0 if j in dropped else w for j, w in enumerate(wk)]  # exclude them everywhere, redo
+
+    live = [j for j in range(len(holders)) if weights[j] > 0]
+    if rule == "nonzero":
+        if not live:
+            acc.copy_(torch.cat([global_state[key].detach().reshape(-1).to(device=device, dtype=torch.float32)
+                                 for key in keys]))
+        return _split(acc, keys, global_state), sorted(dropped)
+    on_live = on_all[live].to(device) if live else None
+    _restore_uncovered_(acc, global_state, keys, layout, on_live, any_set)
+    return _split(acc, keys, global_state), sorted(dropped)
 
 
-def _coverage(layout, on: torch.Tensor) -> torch.Tensor:
-    """bool [P]: element held by at least one of the clients whose neuron gates are the rows of ``on``."""
-    P = layout.P
-    cov = torch.empty(P, dtype=torch.bool, device=on.device)
-    if on.shape[0] == 0:
-        cov.fill_(False)
-        return cov
-    offs = {s.name: s.offset for s in layout.sites}
-    for seg in layout.segments:
+def _restore_uncovered_(acc: torch.Tensor, global_state, keys, layout, on: Optional[torch.Tensor],
+                        any_set: bool) -> None:
+    """Put the old values back into ``acc`` where none of the live clients (neuron gates ``on``) holds.
+
+    Exactly the elements where the kernel's weight sum is 0. Per segment: skipped when it is
+    ungated or one client holds every neuron of its sites; rows / columns nobody holds are copied
+    back directly; only a segment gated on both dims whose coverage is a union of different boxes
+    needs its [rows, cols] coverage (a 0/1 matmul over the distinct client patterns).
+    """
+    if on is None:                          # no live client at all: everything keeps its value
+        off = 0
+        for key in keys:
+            g = global_state[key]
+            acc[off:off + g.numel()].copy_(g.detach().reshape(-1))
+            off += g.numel()
+        return
+    if not any_set:
+        return
+    full_site = {s.name: on[:, s.offset:s.offset + s.width].all(1) for s in layout.sites}
+    every = torch.ones(on.shape[0], dtype=torch.bool, device=on.device)
+    for seg, key in zip(layout.segments, keys):
+        o, i = seg.out_site, seg.in_site
+        if o is None and i is None:
+            continue
+        fo = full_site[o] if o is not None else every
+        fi = full_site[i] if i is not None else every
+        if bool((fo & fi).any()):
+            continue                                                      # one client holds it all
         rows, cols, inner = seg.rows, seg.cols, seg.inner
-        O = on[:, offs[seg.out_site]:offs[seg.out_site] + rows] if seg.out_site is not None else None
-        I = on[:, offs[seg.in_site]:offs[seg.in_site] + cols] if seg.in_site is not None else None
-        if O is None and I is None:
-            blk = torch.ones(1, 1, 1, dtype=torch.bool, device=on.device)
-        elif I is None:
-            blk = O.any(0)[:, None, None]
-        elif O is None:
-            blk = I.any(0)[None, :, None]
-        else:
-            pairs = torch.unique(torch.cat([O, I], 1).to(torch.uint8), dim=0)
-            Ou, Iu = pairs[:, :rows].to(torch.float32), pairs[:, rows:].to(torch.float32)
-            blk = ((Ou.t() @ Iu) > 0)[:, :, None]
-        cov[seg.offset:seg.offset + seg.numel] = blk.expand(rows, cols, inner).reshape(-1)
-    return cov
+        a = acc[seg.offset:seg.offset + seg.numel].view(rows, cols, inner)
+        b = global_state[key].detach().reshape(rows, cols, inner).to(device=acc.device, dtype=acc.dtype)
+        O = on[:, layout.site(o).offset:layout.site(o).offset + rows] if o is not None else None
+        I = on[:, layout.site(i).offset:layout.site(i).offset + cols] if i is not None else None
+        r_any = O.any(0) if O is not None else None
+        c_any = I.any(0) if I is not None else None
+        if r_any is not None and not bool(r_any.all()):
+            miss = (~r_any).nonzero().flatten()
+            a.index_copy_(0, miss, b.index_select(0, miss))
+        if c_any is not None and not bool(c_any.all()):
+            miss = (~c_any).nonzero().flatten()
+            a.index_copy_(1, miss, b.index_select(1, miss))
+        if O is None or I is None:
+            continue
+        pats = torch.unique(torch.cat([O, I], 1).to(torch.uint8), dim=0).to(torch.bool)
+        if bool(((pats[:, :rows] == r_any).all(1) & (pats[:, rows:] == c_any).all(1)).any()):
+            continue                   # one client's box contains all others (nested sets): done above
+        cov = (pats[:, :rows].t().to(torch.float32) @ pats[:, rows:].to(torch.float32)) > 0   # [rows, cols]
+        if not bool(cov.all()):
+            torch.where(cov[:, :, None], a, b, out=a)
 
 
 def _split(flat: torch.Tensor, keys, global_state) -> dict:

@@ -226,6 +226,66 @@ def test_full_size_and_sub_model_inputs_give_identical_results(gen):
         assert torch.equal(a[k], d[k]), k
 
 
+def test_arbitrary_neuron_sets_and_flat_buffers(gen):
+    """Unordered, non-nested neuron sets (no client holds everything): coverage is a union of boxes."""
+    g = make_global(gen)
+    sets = []
+    for k in range(4):
+        sets.append({site: torch.randperm(w, generator=gen)[:max(1, w // 2 - k % 2)] for site, w in SITES.items()})
+    sets.append({"h1": torch.tensor([], dtype=torch.int64)})          # holds no h1 neuron, all of h2
+    clients = sub_clients(g, sets, gen)
+    assert clients[4]["fc1.weight"].shape == (0, 4)
+    w = [1.0, 2.5, 0.5, 3.0, 1.0]
+    out = fki.aggregate_state_dicts(g, clients, neuron_sets=sets, gates=GATES, sites=SITES, weights=w)
+    assert_sd_close(out, reference_mean(g, clients, sets, weights=w))
+    # clients whose tensors are views of one flat buffer (e.g. bound with bind_flat_parameters_)
+    # are read without a copy and give the same bits
+    flat_clients = []
+    for st in clients:
+        keys = [k for k in st if st[k].is_floating_point()]
+        buf = torch.cat([st[k].reshape(-1) for k in keys])
+        views, off = {}, 0
+        for k in keys:
+            n = st[k].numel()
+            views[k] = buf[off:off + n].view(st[k].shape)
+            off += n
+        flat_clients.append(views)
+    out2 = fki.aggregate_state_dicts(g, flat_clients, neuron_sets=sets, gates=GATES, sites=SITES, weights=w)
+    for k in out:
+        assert torch.equal(out[k], out2[k]), k
+
+
+def test_packing_does_not_change_the_bits(gen, monkeypatch):
+    """One kernel call per tensor, or one for all of them: the same bits (results are per element)."""
+    g = make_global(gen)
+    sets = fki.fedrolex_neuron_sets(SITES, RATES * 3, round=2)
+    clients = sub_clients(g, sets, gen)
+    w = [float(i % 4) for i in range(len(sets))]
+    kw = dict(neuron_sets=sets, gates=GATES, sites=SITES, weights=w)
+    whole = fki.aggregate_state_dicts(g, clients, **kw)
+    monkeypatch.setattr(fki, "_PACK_ELEMS", 1)          # every tensor its own call
+    assert len(fki._packs(list(SHAPES), g)) == len(SHAPES)
+    part = fki.aggregate_state_dicts(g, clients, **kw)
+    for k in whole:
+        assert torch.equal(whole[k], part[k]), k
+    monkeypatch.setattr(fki, "_PACK_ELEMS", 100)        # mixed
+    part = fki.aggregate_state_dicts(g, clients, **kw)
+    for k in whole:
+        assert torch.equal(whole[k], part[k]), k
+    # and the batched kernel call over the same compact uploads gives the same bits
+    import fedrac_kernels as fk
+
+    keys = [k for k in SHAPES]
+    lay = fk.NeuronLayout(list(SITES.items()), [(k, SHAPES[k]) + GATES.get(k, (None, None)) for k in keys])
+    offs = {s.name: s.offset for s in lay.sites}
+    ups = [torch.cat([c[k].reshape(-1) for k in keys]) for c in clients]
+    kept = [torch.cat([s["h1"] + offs["h1"], s["h2"] + offs["h2"]]) for s in sets]
+    acc = torch.zeros(lay.P)
+    fk.compact_mean_update_(acc, ups, lay, kept, weights=w)
+    flat_whole = torch.cat([whole[k].reshape(-1) for k in keys])
+    assert torch.equal(acc, flat_whole)      # every element is held by a weighted client here
+
+
 def test_dense_fedavg_is_weighted_mean(gen):
     g = make_global(gen)
     clients = [{k: torch.randn(v.shape, generator=gen) for k, v in g.items() if v.is_floating_point()}
@@ -374,8 +434,10 @@ def test_nonfinite_client_is_dropped_or_raises(gen):
     sets = fki.heterofl_neuron_sets(SITES, [1.0, 0.25, 0.5])
     clients = sub_clients(g, sets, gen)
     clients[0]["fc1.weight"][5, 0] = float("nan")   # row 5 is held by client 0 only
-    with pytest.raises(ValueError, match="uploads"):
-        fki.aggregate_state_dicts(g, clients, neuron_sets=sets, gates=GATES, sites=SITES)
+    g0 = {k: v.clone() for k, v in g.items()}
+    with pytest.raises(ValueError, match=r"^client_states: non-finite values .* client\(s\) \[0\]"):
+        fki.aggregate_state_dicts(g, clients, neuron_sets=sets, gates=GATES, sites=SITES, inplace=True)
+    assert all(torch.equal(g[k], g0[k]) for k in g)       # nothing written
     rep = {}
     with pytest.warns(RuntimeWarning):
         out = fki.aggregate_state_dicts(g, clients, neuron_sets=sets, gates=GATES, sites=SITES,
