@@ -2,10 +2,11 @@
 
 Needs Flower (``pip install fedrac[flower]``); ``import fedrac_kernels`` never imports this module
 or ``flwr``. Written against Flower's *legacy* strategy interface (``flwr.server.strategy.FedAvg``,
-``aggregate_fit(server_round, results, failures)``, ``FitRes.parameters`` / ``.num_examples``),
-which Flower keeps from 1.x releases before 1.8 through at least 1.41 (tested with 1.41.0; the
-interface used here is unchanged since 1.8). Flower's newer Message-API strategies
-(``flwr.serverapp``) are not covered.
+``aggregate_fit(server_round, results, failures)``, ``configure_fit``, ``FitRes.parameters`` /
+``.num_examples``, ``flwr.common.parameters_to_ndarrays`` / ``ndarrays_to_parameters``). Tested
+with flwr 1.41.0 and 1.8.0 (1.8.0 predates NumPy 2 and was run with an alias for ``np.float_``);
+older releases are refused. Flower's newer Message-API strategies (``flwr.serverapp``) are not
+covered.
 
 ``FedracFedAvg`` is a drop-in replacement for ``FedAvg``::
 
@@ -56,7 +57,7 @@ from .interop import aggregate_state_dicts
 __all__ = ["FedracFedAvg", "FLWR_VERSION", "TESTED_FLWR_VERSIONS"]
 
 FLWR_VERSION = getattr(flwr, "__version__", "unknown")
-TESTED_FLWR_VERSIONS = ("1.41.0",)
+TESTED_FLWR_VERSIONS = ("1.8.0", "1.41.0")
 
 
 def _check_flwr_version(version: str) -> None:

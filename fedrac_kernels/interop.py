@@ -38,12 +38,14 @@ When a client's sub-model shapes equal the global shapes (it holds every neuron)
 fit; "auto" then takes the sub-model reading, which applies the index order (identical for sorted
 index lists). Pass ``client_format="full"`` for full-size states whose index lists are not sorted.
 
-Both formats run through the same fused op: every client's held values are gathered into one
-compact upload (full-size tensors are sliced, sub-model tensors are used as they are) and
-:func:`fedrac_kernels.compact_mean_update_` reduces all clients in one deterministic pass
-(client order, float32). Full-size and sub-model inputs therefore give bit-identical results.
-The non-zero rule runs :func:`fedrac_kernels.structured_mean_update_` (with neuron sets) or
-:func:`fedrac_kernels.masked_mean_update_` (without) on the full-size updates.
+How it runs: the tensors are reduced in one deterministic pass per large tensor (and one per run
+of small ones), all clients at once, in client order, in float32. Sub-model clients go to
+:func:`fedrac_kernels.compact_mean_update_` with their tensors as they are (no scatter, no copy for
+contiguous tensors); when every client is full-size, :func:`fedrac_kernels.structured_mean_update_`
+reads the full tensors in place with the neuron gates; a mix slices the full-size ones. The kernels
+make these forms bit-identical, so full-size and sub-model inputs give the same bits. The non-zero
+rule runs ``structured_mean_update_`` (with neuron sets) or ``masked_mean_update_`` (without) on
+the full-size updates.
 
 Policy for the remaining entries:
 
@@ -52,8 +54,11 @@ Policy for the remaining entries:
 * a floating key that only some clients sent is averaged over the clients that sent it (the others
   are not holders); a key no client sent keeps its global value;
 * a key a client sent that is not in ``global_state`` is an error;
-* arithmetic is float32 (float64 / half tensors are converted and the result is cast back to the
-  global tensor's dtype).
+* arithmetic is float32 (float64 tensors are converted; float16 / bfloat16 client tensors of one
+  dtype go to the kernels as they are); the result is cast back to the global tensor's dtype;
+* a client with a NaN / Inf on an element it holds: ``nonfinite="raise"`` (default) raises naming
+  it, nothing written; ``"drop"`` excludes that client from every key (warning, and
+  ``report["dropped_clients"]``); ``"assume_finite"`` skips the check.
 
 Bad arguments raise ``ValueError`` / ``TypeError`` whose message starts with the argument's name
 (``client_states[2]['fc1.weight']: ...``), before anything is written.
@@ -708,7 +713,7 @@ def _aggregate_group(global_state, client_states, keys, holders, wk, gates, site
                     g = torch.cat([global_state[key].detach().reshape(-1).to(device=device, dtype=torch.float32)
                                    for key in pk])
                     out.copy_(g)
-                    deltas = [rows_of(pk, k, False).clone().sub_(g) if weights[j] > 0 else g
+                    deltas = [torch.sub(rows_of(pk, k, False), g) if weights[j] > 0 else g
                               for j, k in enumerate(holders)]
                     if any_set and used:
                         api.structured_mean_update_(out, deltas, lay, on.to(device), weights=weights, rule="nonzero",

@@ -1,6 +1,6 @@
 """fedrac_kernels.flower.FedracFedAvg against Flower's own FedAvg (legacy strategy API).
 
-Skipped without Flower (``pip install fedrac[flower]``). Tested with flwr 1.41.0.
+Skipped without Flower (``pip install fedrac[flower]``). Tested with flwr 1.41.0 and 1.8.0.
 """
 import numpy as np
 import pytest

@@ -514,3 +514,16 @@ def test_package_never_imports_flower_and_the_flower_module_says_how_to_install(
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
     assert "pip install fedrac[flower]" in out
+
+
+def test_reuse_doc_example_runs():
+    """The runnable example of docs/REUSE.md stays runnable."""
+    import re
+
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "REUSE.md")
+    if not os.path.exists(doc):
+        pytest.skip("docs/REUSE.md not present")
+    blocks = re.findall(r"```python\n(.*?)```", open(doc).read(), re.S)
+    example = [b for b in blocks if "load_state_dict" in b and "heterofl_neuron_sets" in b]
+    assert example, "no runnable example found"
+    exec(compile(example[0], "REUSE.md", "exec"), {})
