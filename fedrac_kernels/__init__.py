@@ -37,3 +37,4 @@ __all__ = [
     "flatten_parameters",
     "bind_flat_parameters_",
 ]
+from .sparsify import cosine_to_aggregate, global_topk, global_topk_add_, layerwise_topq, layerwise_topq_add_, randomk_add_, threshold_add_, topk_thresholds, topq_counts  # noqa: E402,F401
