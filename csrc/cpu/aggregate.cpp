@@ -413,7 +413,8 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
     const int64_t nl = (int64_t)live.size();
 
     // dynamic: on a shared machine a descheduled thread must not hold half of the work
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
+    parallel_region(nt, [&] {
+#pragma omp for schedule(dynamic, 8)
     for (int64_t t = 0; t < ntiles; ++t) {
       Scratch& sc = scratch.mine();
       const int64_t e0 = t * kTile, n = std::min(kTile, P - e0);
@@ -440,6 +441,7 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
         }
       });
     }
+    });
     return FK_OK;
   } catch (const std::bad_alloc&) {
     return fail(FK_ENOMEM, "%s: out of memory", fn);
@@ -471,8 +473,7 @@ extern "C" int fk_cpu_structured(const fk_accum_args* a, const fk_segment* segs,
     const int nt = threads_for(c, nthreads);
     ScratchSet scratch(nt);
 
-#pragma omp parallel num_threads(nt)
-    {
+    parallel_region(nt, [&] {
 #pragma omp for schedule(dynamic, 4) collapse(2)
       for (int64_t s = 0; s < S; ++s)
         for (int64_t li = 0; li < nl; ++li) st.prepare(s, li);
@@ -485,7 +486,7 @@ extern "C" int fk_cpu_structured(const fk_accum_args* a, const fk_segment* segs,
         const int64_t e0 = g.offset + tl.o0 * g.cols * g.inner + tl.j0;
         c.tile(sc, e0, (tl.o1 - tl.o0) * (tl.j1 - tl.j0), [&](int track) { st.clients(tl, e0, sc, track); });
       }
-    }
+    });
     return FK_OK;
   } catch (const std::bad_alloc&) {
     return fail(FK_ENOMEM, "%s: out of memory", fn);
@@ -517,7 +518,8 @@ extern "C" int fk_cpu_compact(const fk_accum_args* a, const fk_segment* segs, in
     const int nt = threads_for(c, nthreads);
     ScratchSet scratch(nt);
 
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 2)
+    parallel_region(nt, [&] {
+#pragma omp for schedule(dynamic, 2)
     for (int64_t t = 0; t < ntiles; ++t) {
       Scratch& sc = scratch.mine();
       const Tile& tl = tiles[t];
@@ -525,6 +527,7 @@ extern "C" int fk_cpu_compact(const fk_accum_args* a, const fk_segment* segs, in
       const int64_t e0 = g.offset + tl.o0 * g.cols * g.inner + tl.j0;
       c.tile(sc, e0, (tl.o1 - tl.o0) * (tl.j1 - tl.j0), [&](int track) { cp.clients(tl, sc, track); });
     }
+    });
     return FK_OK;
   } catch (const std::bad_alloc&) {
     return fail(FK_ENOMEM, "%s: out of memory", fn);

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include <omp.h>
+
 #include "fedrac_kernels.h"
 
 #define FK_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -28,6 +30,20 @@ void clear_error();
 /* Threads to use: nthreads <= 0 -> OpenMP default; never more than one per `min_work` units of
  * work (small calls run on the calling thread: a fork/join costs more than they do). */
 int pick_threads(int nthreads, int64_t work, int64_t min_work);
+
+/* Runs body() on nt threads (one OpenMP parallel region), or directly on the calling thread when
+ * nt == 1 -- then orphaned `omp for` / `barrier` / `single` inside body run serially and no thread
+ * team is started or woken (a small call costs no fork/join). Inside an enclosing parallel region
+ * a (nested, hence one-thread) region is still opened, so orphaned constructs bind to it. */
+template <class F>
+inline void parallel_region(int nt, const F& body) {
+  if (nt > 1 || omp_in_parallel()) {
+#pragma omp parallel num_threads(nt)
+    body();
+  } else {
+    body();
+  }
+}
 
 /* ---- instruction-set levels ------------------------------------------------------------------ */
 enum Isa : int { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };

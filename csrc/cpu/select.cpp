@@ -5,6 +5,7 @@
 #include <cmath>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "fk_cpu_internal.h"
@@ -61,8 +62,7 @@ extern "C" int fk_cpu_frequency_update(void* freq, int32_t freq_dtype, const uin
 
     if (masks) {
       const int nt = pick_threads(nthreads, K * N, int64_t(1) << 18);
-#pragma omp parallel num_threads(nt)
-      {
+      parallel_region(nt, [&] {
         std::vector<int64_t> cnt64(kFreqChunk);
         std::vector<uint16_t> cnt16(kFreqChunk);
 #pragma omp for schedule(static)
@@ -82,7 +82,7 @@ extern "C" int fk_cpu_frequency_update(void* freq, int32_t freq_dtype, const uin
           }
           add_counts(freq, freq_dtype, cnt64.data(), n0, n0 + len);
         }
-      }
+      });
       return FK_OK;
     }
 
@@ -101,8 +101,7 @@ extern "C" int fk_cpu_frequency_update(void* freq, int32_t freq_dtype, const uin
       cnt_gt[r] = run;
     }
     const int nt = pick_threads(nthreads, N, int64_t(1) << 18);
-#pragma omp parallel num_threads(nt)
-    {
+    parallel_region(nt, [&] {
       std::vector<int64_t> cnt(kFreqChunk);
 #pragma omp for schedule(static)
       for (int64_t ch = 0; ch < nchunks; ++ch) {
@@ -110,7 +109,7 @@ extern "C" int fk_cpu_frequency_update(void* freq, int32_t freq_dtype, const uin
         for (int64_t j = 0; j < len; ++j) cnt[j] = cnt_gt[rank[n0 + j]];
         add_counts(freq, freq_dtype, cnt.data(), n0, n0 + len);
       }
-    }
+    });
     return FK_OK;
   } catch (const std::bad_alloc&) {
     return fail(FK_ENOMEM, "%s: out of memory", fn);
@@ -119,52 +118,63 @@ extern "C" int fk_cpu_frequency_update(void* freq, int32_t freq_dtype, const uin
 
 /* ================================ stable argsort ================================================ */
 /*
- * Keys are mapped to unsigned integers whose order is the keys' order (floats: flip all bits of
- * negatives, set the sign bit of non-negatives, after turning -0.0 into +0.0 so the two compare
- * equal, as in torch), shifted down by their minimum so only the bits that vary are sorted. Then a
- * stable LSD radix sort with the index as payload: when key bits + index bits fit in 64, key and
- * index are packed into one word (16 B of traffic per element and pass); otherwise key and index
- * travel in separate arrays. Each pass is parallel: per-thread histograms of contiguous chunks,
- * offsets laid out digit-major then thread-major, and an in-order scatter per thread, which keeps
- * the pass stable. A small key range (e.g. a frequency table) needs one pass: a counting sort.
+ * Keys are mapped to unsigned integers whose order is the keys' order, then shifted down by their
+ * minimum so that only the bits that vary are sorted:
+ *   integers            -> two's complement with the sign bit flipped;
+ *   floats, all integral -> the integer value (so a float32 frequency table 0..5000 has a 13-bit
+ *                          range, not the ~31 bits its bit patterns span);
+ *   other floats        -> the bit pattern, all bits flipped for negatives, sign bit set for the
+ *                          rest; -0.0 is first turned into +0.0 so that the two zeros tie, as in torch.
+ * Then a stable LSD radix sort with the index as payload. When key bits + index bits fit in 64,
+ * key and index travel packed in one word (16 B of traffic per element and pass); otherwise in two
+ * arrays. Each pass: per-thread histograms of contiguous chunks, offsets laid out digit-major then
+ * thread-major, and an in-order scatter by each thread, which keeps the pass stable. A key range of
+ * at most 2^11 (e.g. a frequency table), or up to 2^16 when N >= 4 * range, needs one pass: a
+ * counting sort.
  */
 namespace {
 
 constexpr int kMaxDigitBits = 11;
+constexpr int64_t kCacheMax = int64_t(1) << 20;  // words of sort scratch kept between calls
 
 template <class K>
-FK_ALWAYS_INLINE uint64_t ordered_key(K x);
+FK_ALWAYS_INLINE uint64_t ordered_bits(K x);
 template <>
-FK_ALWAYS_INLINE uint64_t ordered_key<float>(float x) {
+FK_ALWAYS_INLINE uint64_t ordered_bits<float>(float x) {
   uint32_t u = f32_to_bits(x);
   if (u == 0x80000000u) u = 0;  // -0.0 == +0.0
   return (u & 0x80000000u) ? (uint64_t)(~u) : (uint64_t)(u | 0x80000000u);
 }
 template <>
-FK_ALWAYS_INLINE uint64_t ordered_key<double>(double x) {
+FK_ALWAYS_INLINE uint64_t ordered_bits<double>(double x) {
   uint64_t u;
   std::memcpy(&u, &x, 8);
   if (u == 0x8000000000000000ull) u = 0;
   return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
 }
 template <>
-FK_ALWAYS_INLINE uint64_t ordered_key<int32_t>(int32_t x) { return (uint64_t)((uint32_t)x ^ 0x80000000u); }
+FK_ALWAYS_INLINE uint64_t ordered_bits<int32_t>(int32_t x) { return (uint64_t)(int64_t)x ^ 0x8000000000000000ull; }
 template <>
-FK_ALWAYS_INLINE uint64_t ordered_key<int64_t>(int64_t x) { return (uint64_t)x ^ 0x8000000000000000ull; }
+FK_ALWAYS_INLINE uint64_t ordered_bits<int64_t>(int64_t x) { return (uint64_t)x ^ 0x8000000000000000ull; }
 
+/* the key as an order-preserving word; as_int: integral floats by value */
 template <class K>
-FK_ALWAYS_INLINE bool is_nan(K x) { return x != x; }
+FK_ALWAYS_INLINE uint64_t map_key(K x, bool as_int) {
+  if (std::is_floating_point<K>::value && as_int) return (uint64_t)(int64_t)x ^ 0x8000000000000000ull;
+  return ordered_bits<K>(x);
+}
 
 int bit_width(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
 
 struct RadixPlan {
-  int passes;
-  int bits[8];  // digit width per pass
+  int passes = 0;
+  int bits[8] = {0};  // digit width per pass
 };
 
-RadixPlan plan_digits(int kb) {
-  RadixPlan p{};
+RadixPlan plan_digits(int kb, int64_t N) {
+  RadixPlan p;
   p.passes = (kb + kMaxDigitBits - 1) / kMaxDigitBits;
+  if (p.passes > 1 && kb <= 16 && (int64_t(4) << kb) <= N) p.passes = 1;  // one wide counting pass
   int left = kb;
   for (int q = 0; q < p.passes; ++q) {
     const int b = (left + (p.passes - q) - 1) / (p.passes - q);
@@ -174,11 +184,11 @@ RadixPlan plan_digits(int kb) {
   return p;
 }
 
-/* One stable counting pass: digit(i) is element i's digit, put(pos, i) moves element i to position
- * pos. Called by every thread of a parallel region; hist holds nb counters per thread. */
+/* One stable counting pass, called by every thread of the team (or serially): digit(i) is element
+ * i's digit, put(pos, i) moves element i to position pos. hist holds nb counters per thread. */
 template <class Digit, class Put>
 void radix_pass(int64_t N, int nb, int64_t* hist, const Digit& digit, const Put& put) {
-  const int nt = omp_get_num_threads();  // the team actually running (hist holds >= nt rows)
+  const int nt = omp_get_num_threads();
   const int tid = omp_get_thread_num();
   const int64_t lo = N * tid / nt, hi = N * (tid + 1) / nt;
   int64_t* h = hist + (int64_t)tid * nb;
@@ -199,29 +209,92 @@ void radix_pass(int64_t N, int nb, int64_t* hist, const Digit& digit, const Put&
 #pragma omp barrier
 }
 
+/* Scratch words, reused between calls on the same thread up to kCacheMax words each (avoids the
+ * page faults of fresh allocations for repeated mid-size sorts). */
+struct WordBuf {
+  std::unique_ptr<uint64_t[]> owned;
+  uint64_t* p = nullptr;
+  WordBuf(int64_t n, std::vector<uint64_t>& cache) {
+    if (n <= kCacheMax) {
+      if ((int64_t)cache.size() < n) cache.resize((size_t)n);
+      p = cache.data();
+    } else {
+      owned.reset(new uint64_t[(size_t)n]);
+      p = owned.get();
+    }
+  }
+};
+thread_local std::vector<uint64_t> t_cacheA, t_cacheB;
+
+/* min / max of x[0, n) and, for floats, whether one is NaN / one is not an integer below 2^62
+ * (2^31 for float32), in simple loops the compiler vectorises. */
+template <class K>
+void scan_keys(const K* __restrict x, int64_t n, K& mn, K& mx, int& nan, int& nonint) {
+  K a = mn, b = mx;
+  for (int64_t i = 0; i < n; ++i) {
+    a = x[i] < a ? x[i] : a;
+    b = x[i] > b ? x[i] : b;
+  }
+  mn = a;
+  mx = b;
+  if (!std::is_floating_point<K>::value) return;
+  int bad = 0, nonint_l = 0;
+  if (sizeof(K) == 4) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = (float)x[i];
+      const bool small = std::fabs(v) < 0x1p31f;
+      const float vc = small ? v : 0.0f;
+      bad |= v != v;
+      nonint_l |= (!small) | ((float)(int32_t)vc != v);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = (double)x[i];
+      const bool small = std::fabs(v) < 0x1p62;
+      const double vc = small ? v : 0.0;
+      bad |= v != v;
+      nonint_l |= (!small) | ((double)(int64_t)vc != v);
+    }
+  }
+  nan |= bad;
+  nonint |= nonint_l;
+}
+
 template <class K>
 int argsort_typed(const K* keys, int64_t* order, int64_t N, int nthreads) {
   const char* fn = "fk_cpu_stable_argsort";
+  const bool is_float = std::is_floating_point<K>::value;
   const int nt = pick_threads(nthreads, N, int64_t(1) << 15);
-  // pass 0: min / max of the ordered keys, NaN check
-  uint64_t kmin = ~0ull, kmax = 0;
-  int nan_seen = 0;
-#pragma omp parallel for num_threads(nt) reduction(min : kmin) reduction(max : kmax) reduction(| : nan_seen)
-  for (int64_t i = 0; i < N; ++i) {
-    const K x = keys[i];
-    nan_seen |= is_nan(x) ? 1 : 0;
-    const uint64_t u = ordered_key<K>(x);
-    kmin = u < kmin ? u : kmin;
-    kmax = u > kmax ? u : kmax;
-  }
+
+  // pass 0: min / max, NaN and integrality (floats)
+  K kmin_v = keys[0], kmax_v = keys[0];
+  int nan_seen = 0, nonint = 0;
+  parallel_region(nt, [&] {
+    K mn = keys[0], mx = keys[0];
+    int nan_l = 0, nonint_l = 0;
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t lo = N * t / T, hi = N * (t + 1) / T;
+    scan_keys(keys + lo, hi - lo, mn, mx, nan_l, nonint_l);
+#pragma omp critical
+    {
+      kmin_v = mn < kmin_v ? mn : kmin_v;
+      kmax_v = mx > kmax_v ? mx : kmax_v;
+      nan_seen |= nan_l;
+      nonint |= nonint_l;
+    }
+  });
   if (nan_seen) return fail(FK_EINVAL, "%s: keys contain NaN", fn);
+  const bool as_int = is_float && !nonint;
+  const uint64_t kmin = map_key<K>(kmin_v, as_int), kmax = map_key<K>(kmax_v, as_int);
   const int kb = bit_width(kmax - kmin);
-  if (kb == 0) {
-#pragma omp parallel for num_threads(nt)
-    for (int64_t i = 0; i < N; ++i) order[i] = i;
+  if (kb == 0) {  // all keys equal
+    parallel_region(nt, [&] {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N; ++i) order[i] = i;
+    });
     return FK_OK;
   }
-  const RadixPlan plan = plan_digits(kb);
+  const RadixPlan plan = plan_digits(kb, N);
   int maxb = 0;
   for (int q = 0; q < plan.passes; ++q) maxb = std::max(maxb, plan.bits[q]);
   std::vector<int64_t> hist((size_t)nt << maxb);
@@ -229,23 +302,18 @@ int argsort_typed(const K* keys, int64_t* order, int64_t N, int nthreads) {
 
   if (kb + ib <= 64) {
     // packed: word = (key - kmin) << ib | index
-    std::unique_ptr<uint64_t[]> A(new uint64_t[N]);
-    std::unique_ptr<uint64_t[]> B(plan.passes > 1 ? new uint64_t[N] : nullptr);
-    const uint64_t imask = ib == 64 ? ~0ull : ((1ull << ib) - 1);
-    uint64_t* src = A.get();
-    uint64_t* dst = B.get();
-#pragma omp parallel num_threads(nt)
-    {
+    WordBuf A(N, t_cacheA);
+    WordBuf B(plan.passes > 1 ? N : 0, t_cacheB);
+    const uint64_t imask = ib == 0 ? 0 : (~0ull >> (64 - ib));
+    parallel_region(nt, [&] {
+      uint64_t* s = A.p;
+      uint64_t* d = B.p;
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < N; ++i) src[i] = ((ordered_key<K>(keys[i]) - kmin) << ib) | (uint64_t)i;
-      // (implicit barrier)
+      for (int64_t i = 0; i < N; ++i) s[i] = ((map_key<K>(keys[i], as_int) - kmin) << ib) | (uint64_t)i;
       int shift = ib;
-      uint64_t* s = src;
-      uint64_t* d = dst;
       for (int q = 0; q < plan.passes; ++q) {
-        const int b = plan.bits[q];
+        const int b = plan.bits[q], sh = shift;
         const uint64_t dm = (1ull << b) - 1;
-        const int sh = shift;
         auto digit = [&](int64_t i) { return (int)((s[i] >> sh) & dm); };
         if (q + 1 < plan.passes) {
           radix_pass(N, 1 << b, hist.data(), digit, [&](int64_t pos, int64_t i) { d[pos] = s[i]; });
@@ -256,19 +324,18 @@ int argsort_typed(const K* keys, int64_t* order, int64_t N, int nthreads) {
         }
         shift += b;
       }
-    }
+    });
     return FK_OK;
   }
 
-  // wide keys: separate key and index arrays
-  std::unique_ptr<uint64_t[]> KA(new uint64_t[N]), KB(new uint64_t[N]);
-  std::unique_ptr<int64_t[]> IA(new int64_t[N]);
-  std::unique_ptr<int64_t[]> IB(plan.passes > 1 ? new int64_t[N] : nullptr);
-#pragma omp parallel num_threads(nt)
-  {
+  // wide: keys and indices in separate arrays
+  std::unique_ptr<uint64_t[]> KA(new uint64_t[(size_t)N]), KB(new uint64_t[(size_t)N]);
+  std::unique_ptr<int64_t[]> IA(new int64_t[(size_t)N]);
+  std::unique_ptr<int64_t[]> IB(plan.passes > 1 ? new int64_t[(size_t)N] : nullptr);
+  parallel_region(nt, [&] {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < N; ++i) {
-      KA[i] = ordered_key<K>(keys[i]) - kmin;
+      KA[i] = map_key<K>(keys[i], as_int) - kmin;
       IA[i] = i;
     }
     uint64_t* ks = KA.get();
@@ -277,9 +344,8 @@ int argsort_typed(const K* keys, int64_t* order, int64_t N, int nthreads) {
     int64_t* id = IB.get();
     int shift = 0;
     for (int q = 0; q < plan.passes; ++q) {
-      const int b = plan.bits[q];
+      const int b = plan.bits[q], sh = shift;
       const uint64_t dm = (1ull << b) - 1;
-      const int sh = shift;
       auto digit = [&](int64_t i) { return (int)((ks[i] >> sh) & dm); };
       if (q + 1 < plan.passes) {
         radix_pass(N, 1 << b, hist.data(), digit, [&](int64_t pos, int64_t i) {
@@ -293,7 +359,7 @@ int argsort_typed(const K* keys, int64_t* order, int64_t N, int nthreads) {
       }
       shift += b;
     }
-  }
+  });
   return FK_OK;
 }
 
@@ -341,15 +407,17 @@ extern "C" int fk_cpu_nested_masks(uint8_t* out, const int64_t* order, const int
     const int64_t chunk = 1 << 14;
     const int64_t nch = (N + chunk - 1) / chunk;
     const int nt = pick_threads(nthreads, S * N, int64_t(1) << 18);
-#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t ch = 0; ch < nch; ++ch) {
-        const int64_t n0 = ch * chunk, n1 = std::min(N, n0 + chunk);
-        const int64_t sz = sizes[s];
-        const int64_t* rk = rank.data();
-        uint8_t* o = out + s * N;
-        for (int64_t n = n0; n < n1; ++n) o[n] = rk[n] < sz ? 1 : 0;
-      }
+    parallel_region(nt, [&] {
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t ch = 0; ch < nch; ++ch) {
+          const int64_t n0 = ch * chunk, n1 = std::min(N, n0 + chunk);
+          const int64_t sz = sizes[s];
+          const int64_t* rk = rank.data();
+          uint8_t* o = out + s * N;
+          for (int64_t n = n0; n < n1; ++n) o[n] = rk[n] < sz ? 1 : 0;
+        }
+    });
     return FK_OK;
   } catch (const std::bad_alloc&) {
     return fail(FK_ENOMEM, "%s: out of memory", fn);
