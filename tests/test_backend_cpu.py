@@ -127,7 +127,7 @@ def run_both(fn_name, acc, *args):
 # ----------------------------------------------------------------------------------------- dense
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,P", [(1, 1), (1, 257), (3, 997), (7, 4099), (10, 65537)])
+@pytest.mark.parametrize("K,P", [(1, 1), (1, 257), (3, 997), (7, 4099), (6, 30011)])
 def test_dense_nonzero_rule(isa, gen, dtype, K, P):
     rows = rand_rows(gen, K, P, dtype)
     w = rand_weights(gen, K)
@@ -345,7 +345,7 @@ def test_structured_equals_dense_with_expanded_masks(gen):
 
 
 def test_structured_mlp_shapes(gen):
-    """The paper MLP (3072-200-200-10) at K = 10 with FedRAC-like nested masks, 2 threads."""
+    """The paper MLP (3072-200-200-10) with FedRAC-like nested masks (several threads)."""
     spec = [(200, 3072, 1, 0, -1), (200, 1, 1, 0, -1), (200, 200, 1, 200, 0), (200, 1, 1, 200, -1),
             (10, 200, 1, -1, 200), (10, 1, 1, -1, -1)]
     segs, off = [], 0
@@ -353,10 +353,10 @@ def test_structured_mlp_shapes(gen):
         segs.append([off, r, c, i, oo, io])
         off += r * c * i
     segs = torch.tensor(segs)
-    P, N, K = off, 400, 10
+    P, N, K = off, 400, 4
     assert P == 656_810
     rank = torch.randperm(N, generator=gen).to(torch.int32)
-    sizes = (torch.arange(1, K + 1) * 40).to(torch.int32)
+    sizes = torch.tensor([96, 200, 304, 400], dtype=torch.int32)
     on = rank.to(torch.int64)[None, :] < sizes.to(torch.int64)[:, None]
     rows = []
     for k in range(K):
