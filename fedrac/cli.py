@@ -199,7 +199,17 @@ def _usage_errors() -> tuple:
     return tuple(errs)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    if text.startswith("fedrac: "):
+        text = text[len("fedrac: "):]
+    print(f"fedrac: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["run"] + argv

@@ -209,11 +209,16 @@ CORE: dict[str, Option] = {
     "standalone_cache": Option(True, "bool", "cache computed standalone accuracies under <data_dir>/standalone"),
     # metrics
     "bcf_alpha": Option(0.5, "float", "alpha of the alpha-BCF rate (3.5)"),
+    "client_metrics": Option(False, "bool", "also log every client's reward model on its own data and on a "
+                             "10% holdout (the official logger's train/valid loss; one extra pass over all "
+                             "client data per round)"),
     # execution
     "device": Option("auto", "str", "cpu, cuda, cuda:N; auto = cuda when available"),
     "threads": Option("auto", "int", f"torch CPU threads (0 = torch default); auto = 1 for {DEMO_DATASET} "
                       "(tiny ops: threads only add contention), else the torch default", auto=True),
-    "eval_batch_size": Option(0, "int", "evaluation batch size (0 = evaluation module default)"),
+    "eval_batch_size": Option("auto", "int", "rows per evaluation chunk (0 = evaluation module default); "
+                              "auto = 16384 for the mlp (whole evaluation sets in one fused chunk: fewer, "
+                              "larger GEMMs), the module default otherwise", auto=True),
     "data_dir": Option("", "str", "data directory (empty = $FEDRAC_DATA_DIR or ~/.cache/fedrac)"),
     "archive": Option("", "str", "explicit data source read in place (e.g. a cifar-10-python.tar.gz "
                       "anywhere); data_dir then only receives the decoded cache"),
@@ -391,6 +396,8 @@ def resolve_core(cfg: Config, *, partition_kind: str, partition_alpha: Optional[
         import torch
 
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["eval_batch_size"] == "auto":
+        cfg["eval_batch_size"] = 16384 if cfg["model"] == "mlp" else 0
     if cfg["threads"] == "auto":
         cfg["threads"] = 1 if demo and cfg["device"] == "cpu" else 0
     check_core(cfg)

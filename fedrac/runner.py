@@ -91,6 +91,20 @@ class Simulation:
         seed = int(cfg["seed"])
         self.client_generators = [_generator(derive_seed(seed, "client", k)) for k in range(self.K)]
         self.generator = _generator(derive_seed(seed, "server"))
+        self._holdouts = None
+
+    def client_holdouts(self):
+        """Each client's logging holdout (a fixed random 10% of its data; it still trains on all of it,
+        flgo's train_on_all), drawn from the partition seed."""
+        if self._holdouts is None:
+            out = []
+            for k, (x, y) in enumerate(self._clients):
+                g = _generator(derive_seed(int(self.cfg["partition_seed"]), "holdout", k))
+                perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+                n = max(1, int(0.1 * x.shape[0]))
+                out.append((x[perm[:n]], y[perm[:n]]))
+            self._holdouts = out
+        return self._holdouts
 
     # data ---------------------------------------------------------------------------------------
     def client_data(self, k: int):
@@ -173,6 +187,40 @@ class Simulation:
             return out
         raise TypeError(f"rewards(): expected MaskRewards or ParamRewards, got {type(rewards).__name__}")
 
+    def client_reward_metrics(self, rewards) -> dict:
+        """The official logger's extra per-round work: every client's reward model on its own data
+        and on its holdout (data-weighted loss/accuracy, as flgo's train/valid metrics)."""
+        from .algorithms.base import MaskRewards
+        from .evaluation import client_metrics, evaluate, nested_masks
+
+        sets = {"train": self._clients, "valid": self.client_holdouts()}
+        out: dict = {}
+        for name, data in sets.items():
+            if isinstance(rewards, MaskRewards):
+                masks = None
+                if rewards.order is not None:
+                    masks = nested_masks(rewards.order, rewards.sizes, self.N)
+                elif rewards.masks is not None:
+                    masks = rewards.masks
+                res = client_metrics(self.model, rewards.params, data, masks, batch_size=self.eval_batch_size)
+                loss, acc = res["loss"].tolist(), res["accuracy"].tolist()
+                wl, wa = res["weighted_loss"], res["weighted_accuracy"]
+            else:
+                masks = rewards.masks or [None] * self.K
+                loss, acc, n = [], [], []
+                for k, ((x, y), p, m) in enumerate(zip(data, rewards.params, masks)):
+                    e = evaluate(self.model, p, x, y, mask=m, batch_size=self.eval_batch_size)
+                    loss.append(e["loss"])
+                    acc.append(e["accuracy"])
+                    n.append(e["n"])
+                tot = sum(n)
+                wl = sum(a * b for a, b in zip(loss, n)) / tot
+                wa = sum(a * b for a, b in zip(acc, n)) / tot
+            out[f"{name}_loss"] = wl
+            out[f"{name}_accuracy"] = wa
+            out[f"client_{name}_accuracy"] = acc
+        return out
+
     # RNG -----------------------------------------------------------------------------------------
     def rng_state(self) -> dict:
         return {"clients": [g.get_state() for g in self.client_generators], "server": self.generator.get_state(),
@@ -210,6 +258,19 @@ def round_record(r: int, theta: torch.Tensor, s_metric: torch.Tensor, bcf_alpha:
         rec[k] = v
     rec["time_s"] = seconds
     return fio.to_jsonable(rec)
+
+
+def round_step(prep: "Prepared", r: int) -> dict:
+    """One round of the loop without I/O: the algorithm's server round, the reward evaluation on T
+    (shared passes), the per-round metrics. Returns the metrics record."""
+    cfg, sim, algo = prep.cfg, prep.sim, prep.algo
+    t0 = time.perf_counter()
+    extras = dict(algo.round(r) or {})
+    rewards = algo.rewards()
+    theta = sim.evaluate_rewards(rewards)
+    if cfg["client_metrics"]:
+        extras.update(sim.client_reward_metrics(rewards))
+    return round_record(r, theta, sim.metric_standalone, float(cfg["bcf_alpha"]), extras, time.perf_counter() - t0)
 
 
 def _best(history: list, key: str) -> Optional[dict]:
@@ -601,7 +662,6 @@ def execute(prep: Prepared, *, log=None) -> Outcome:
     tb = _tensorboard(run_dir, start) if cfg["tensorboard"] else None
     stop_after = int(cfg["stop_after"])
     every = int(cfg["checkpoint_every"])
-    s_metric = sim.metric_standalone
     bar = _progress(cfg, start, R)
     t_start = time.perf_counter()
     last_saved = start - 1
@@ -609,10 +669,7 @@ def execute(prep: Prepared, *, log=None) -> Outcome:
     r = start - 1
     try:
         for r in range(start, R + 1):
-            t0 = time.perf_counter()
-            extras = algo.round(r) or {}
-            theta = sim.evaluate_rewards(algo.rewards())
-            rec = round_record(r, theta, s_metric, float(cfg["bcf_alpha"]), extras, time.perf_counter() - t0)
+            rec = round_step(prep, r)
             history.append(rec)
             stop_here = bool(stop_after and r >= stop_after and r < R)
             save = bool((every and r % every == 0) or r == R or stop_here)
