@@ -37,4 +37,5 @@ __all__ = [
     "flatten_parameters",
     "bind_flat_parameters_",
 ]
+from .gram import GramAccumulator, bottomk_magnitude_mask, column_normalized_std, gram_matrix  # noqa: E402,F401
 from .sparsify import cosine_to_aggregate, global_topk, global_topk_add_, layerwise_topq, layerwise_topq_add_, randomk_add_, threshold_add_, topk_thresholds, topq_counts  # noqa: E402,F401
