@@ -13,8 +13,11 @@ and ``main.py``'s logger): the same work, organised the way the official code do
 * clients: deep copy of the global model with the mask set, a fresh SGD optimizer and a fresh
   shuffled ``DataLoader`` (batch 32), ``num_steps`` steps with ``clip_grad_norm_``; the model object is
   returned;
-* aggregation per parameter tensor in Python: deltas stacked, ``count = #(delta != 0)``,
-  ``w += sum / count`` where count > 0;
+* aggregation with flgo model arithmetic: ``benchmarks/official_fedrac.official_aggregate`` (the
+  aggregation engineer's re-implementation of the official server aggregation: new model objects per
+  operation, int masks of non-zero updates, reciprocal counts, layer x client Python sums); when that
+  module is absent, a per-tensor Python loop (deltas stacked, ``count = #(delta != 0)``,
+  ``w += sum / count`` where count > 0);
 * logging (flgo ``MyLogger``): every client's reward model on the test set, on its own training data
   and on its holdout (30 passes for K = 10), fairness and rate (``log_client_data=False`` keeps only
   the 10 test passes, i.e. exactly the quantities the paper reports).
@@ -45,6 +48,20 @@ class OfficialMLP(nn.Module):
         self.fc3 = nn.Linear(dim_hidden, num_classes)
         self.mask1 = torch.ones(dim_hidden)
         self.mask2 = torch.ones(dim_hidden)
+
+    # flgo FModule arithmetic: every operation builds a new model object
+    def _from_dict(self, md: dict) -> "OfficialMLP":
+        res = self.__class__(self.fc1.in_features, self.fc1.out_features, self.fc3.out_features)
+        res.load_state_dict(md)
+        return res
+
+    def __add__(self, other):
+        a, b = self.state_dict(), other.state_dict()
+        return self._from_dict({k: a[k] + b[k] for k in a})
+
+    def __sub__(self, other):
+        a, b = self.state_dict(), other.state_dict()
+        return self._from_dict({k: a[k] - b[k] for k in a})
 
     def set_mask(self, mask: torch.Tensor) -> None:
         h = self.mask1.numel()
@@ -172,6 +189,13 @@ class OfficialFedRAC:
         return model
 
     def aggregate(self, models: Sequence[nn.Module]) -> None:
+        try:
+            from official_fedrac import official_aggregate
+        except ImportError:
+            official_aggregate = None
+        if official_aggregate is not None:
+            self.model = official_aggregate(self.model, list(models))
+            return
         g = self.model.state_dict()
         new = {}
         for name, w in g.items():

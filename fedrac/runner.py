@@ -161,9 +161,14 @@ class Simulation:
 
     def evaluate_rewards(self, rewards) -> torch.Tensor:
         """theta: float64 [K], every client's reward model on the test set (shared passes)."""
-        from .algorithms.base import MaskRewards, ParamRewards
+        from .algorithms.base import AccuracyRewards, MaskRewards, ParamRewards
 
         K = self.K
+        if isinstance(rewards, AccuracyRewards):
+            acc = torch.as_tensor(rewards.accuracy, dtype=torch.float64).cpu().reshape(-1)
+            if acc.numel() != K:
+                raise ValueError(f"AccuracyRewards: expected {K} accuracies, got {acc.numel()}")
+            return acc
         if isinstance(rewards, MaskRewards):
             if rewards.order is not None:
                 sizes = torch.as_tensor(rewards.sizes, dtype=torch.int64).cpu()
@@ -190,9 +195,11 @@ class Simulation:
     def client_reward_metrics(self, rewards) -> dict:
         """The official logger's extra per-round work: every client's reward model on its own data
         and on its holdout (data-weighted loss/accuracy, as flgo's train/valid metrics)."""
-        from .algorithms.base import MaskRewards
+        from .algorithms.base import AccuracyRewards, MaskRewards
         from .evaluation import client_metrics, evaluate, nested_masks
 
+        if isinstance(rewards, AccuracyRewards):
+            return {}
         sets = {"train": self._clients, "valid": self.client_holdouts()}
         out: dict = {}
         for name, data in sets.items():
@@ -366,6 +373,7 @@ def load_config(layers: Sequence[tuple[str, dict]]) -> tuple[Config, Any]:
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(f"unknown dataset {cfg['dataset']!r}; {hint}available: {', '.join(fdata.DATASETS)}")
     cfg["dataset"] = name
+    cfg["data_dir"] = str(_data_dir(cfg))
     spec = _partition_tools().parse_partition(str(cfg["partition"]))
     cfg["partition"] = _partition_text(spec)
     cfg = resolve_core(cfg, partition_kind=spec.kind, partition_alpha=spec.alpha)

@@ -44,7 +44,11 @@ Two kinds of reward models:
 * :class:`MaskRewards` - submodels of one global parameter vector (FedRAC, FedSAC, HeteroFL,
   FedRolex, FjORD, Aequa): the loop evaluates every *distinct* mask in one fused pass over ``T``.
 * :class:`ParamRewards` - one parameter vector per client (CFFL, CGSV, FedAVE, IAFL, CF-FedAvg,
-  FedPW, Standalone); the same tensor object given for several clients is evaluated once.
+  FedPW); the same tensor object given for several clients is evaluated once.
+* :class:`AccuracyRewards` - accuracies on T computed by the algorithm itself (Standalone: theta = s).
+
+State: ``state_dict()`` may hold tensors, numbers, strings, None, lists and dicts only (checkpoints
+are loaded with ``torch.load(weights_only=True)``); ``load_state_dict`` gets it back on the CPU.
 
 Submodel methods subclass :class:`MaskedAlgorithm` and implement only :meth:`MaskedAlgorithm.allocate`
 (which neurons each client gets this round); training from the global model with the mask, the
@@ -88,6 +92,14 @@ class ParamRewards:
 
     params: Sequence[torch.Tensor]
     masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+
+
+@dataclass
+class AccuracyRewards:
+    """The algorithm reports the reward accuracies on T itself (float [K]); e.g. Standalone, whose
+    rewards are the standalone models already evaluated (theta = s). No model is evaluated."""
+
+    accuracy: Sequence[float]
 
 
 # ------------------------------------------------------------------------------------- allocation
@@ -293,5 +305,5 @@ def check_fraction(key: str, value: float) -> None:
         raise ConfigError(f"{key}={value}: must be in [0, 1]")
 
 
-__all__ = ["Algorithm", "MaskedAlgorithm", "Allocation", "MaskRewards", "ParamRewards",
+__all__ = ["Algorithm", "MaskedAlgorithm", "Allocation", "MaskRewards", "ParamRewards", "AccuracyRewards",
            "stable_argsort", "check_fraction"]
