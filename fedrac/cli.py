@@ -227,6 +227,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fedrac: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:              # e.g. `fedrac keys | head`
+        import os
+
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 def entry() -> None:  # pragma: no cover

@@ -82,27 +82,46 @@ def get(name: str) -> type:
 
 
 def options_of(name_or_cls) -> dict[str, Option]:
-    """Merged option declarations along the class hierarchy (subclass entries win)."""
+    """Merged option declarations along the class hierarchy (subclass entries win).
+
+    An option may not reuse a core key (``fedrac.config.CORE``): the core keys are shared by every
+    algorithm and the loop reads them, so such a declaration is a ConfigError naming the module.
+    """
+    from ..config import CORE
+
     cls = get(name_or_cls) if isinstance(name_or_cls, str) else name_or_cls
     merged: dict[str, Option] = {}
     for klass in reversed(cls.__mro__):
         merged.update(getattr(klass, "__dict__", {}).get("options", {}) or {})
+    clash = sorted(set(merged) & set(CORE))
+    if clash:
+        raise ConfigError(f"algorithm {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}) declares option(s) "
+                          f"{', '.join(clash)} that are core keys; rename them (e.g. "
+                          f"{getattr(cls, 'name', 'algo')}_{clash[0]})")
     return merged
+
+
+def _options_or_empty(name: str) -> dict[str, Option]:
+    try:
+        return options_of(name)
+    except ConfigError:
+        return {}
 
 
 def foreign_options(name: str) -> dict[str, str]:
     """Option keys of the *other* algorithms -> their owner (for 'belongs to X' messages)."""
-    own = set(options_of(name)) if name in available() or name in _ALIASES else set()
+    own = set(_options_or_empty(name))
     out: dict[str, str] = {}
     for other in available():
-        for key in options_of(other):
+        for key in _options_or_empty(other):
             if key not in own:
                 out.setdefault(key, other)
     return out
 
 
 def all_options() -> dict[str, dict[str, Option]]:
-    return {name: options_of(name) for name in available()}
+    """Every algorithm's options (an algorithm whose declaration is invalid is listed without them)."""
+    return {name: _options_or_empty(name) for name in available()}
 
 
 __all__ = ["register", "get", "available", "options_of", "foreign_options", "all_options"]
