@@ -227,7 +227,7 @@ def slice_state_dict(state: Mapping[str, torch.Tensor], neuron_set: Optional[Map
     return out
 
 
-def _slice(t: torch.Tensor, gate, neuron_set, device=None, name: str = "neuron_set") -> torch.Tensor:
+def _slice(t: torch.Tensor, gate, neuron_set, name: str = "neuron_set") -> torch.Tensor:
     """``t[rows][:, cols]`` for the sites of ``gate`` present in ``neuron_set`` (``t`` itself if none).
 
     ``neuron_set`` values may be raw index lists (checked here) or already-checked int64 tensors.
