@@ -88,6 +88,12 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def format_table(summary: dict) -> str:
     """A readable end-of-run table: per-client standalone vs reward, then the headline metrics."""
     s = summary.get("standalone_accuracy") or []
@@ -100,7 +106,7 @@ def format_table(summary: dict) -> str:
         t = th[k] if k < len(th) else None
         gain = None if t is None else t - s[k]
         row = f"{k:>6}  {s[k]:>10.4f}  {_fmt(t, '7.4f')}  {_fmt(gain, '+8.4f')}"
-        row += "".join(f"  {str(vals[k]):>8}" for _, vals in extra)
+        row += "".join(f"  {_cell(vals[k]):>8}" for _, vals in extra)
         lines.append(row)
     best = summary.get("best") or {}
 

@@ -362,7 +362,8 @@ def _partition_tools():
 def load_config(layers: Sequence[tuple[str, dict]]) -> tuple[Config, Any]:
     """Parse, merge and resolve a configuration (no data needed). Returns (cfg, partition spec)."""
     algos = _algorithms()
-    cfg = build_config(layers=layers, algorithm_options=algos.options_of, foreign_options=algos.foreign_options)
+    cfg = build_config(layers=layers, algorithm_options=lambda name: algos.options_of(name, strict=True),
+                       foreign_options=algos.foreign_options)
     from . import data as fdata
 
     name = str(cfg["dataset"]).strip().lower()

@@ -81,11 +81,12 @@ def get(name: str) -> type:
     raise ConfigError(f"unknown algorithm {name!r}; {hint}available: {', '.join(available())}")
 
 
-def options_of(name_or_cls) -> dict[str, Option]:
+def options_of(name_or_cls, *, strict: bool = False) -> dict[str, Option]:
     """Merged option declarations along the class hierarchy (subclass entries win).
 
     An option may not reuse a core key (``fedrac.config.CORE``): the core keys are shared by every
-    algorithm and the loop reads them, so such a declaration is a ConfigError naming the module.
+    algorithm and the loop reads them. Such options are left out here; with ``strict=True`` (what a
+    run of that algorithm uses) they are a ConfigError naming the module.
     """
     from ..config import CORE
 
@@ -94,6 +95,8 @@ def options_of(name_or_cls) -> dict[str, Option]:
     for klass in reversed(cls.__mro__):
         merged.update(getattr(klass, "__dict__", {}).get("options", {}) or {})
     clash = sorted(set(merged) & set(CORE))
+    if clash and not strict:
+        return {k: v for k, v in merged.items() if k not in CORE}
     if clash:
         raise ConfigError(f"algorithm {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}) declares option(s) "
                           f"{', '.join(clash)} that are core keys; rename them (e.g. "
@@ -104,7 +107,7 @@ def options_of(name_or_cls) -> dict[str, Option]:
 def _options_or_empty(name: str) -> dict[str, Option]:
     try:
         return options_of(name)
-    except ConfigError:
+    except ConfigError:     # a module that fails to import
         return {}
 
 
