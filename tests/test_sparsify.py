@@ -249,3 +249,11 @@ def test_cuda_backends_match_cpu_reference(gen):
         X = T.cuda()
         fk.layerwise_topq_add_(X, u.cuda(), segs, q, backend=be)
         assert torch.equal(bits(X.cpu()), bits(ref)), be
+
+
+def test_finite_check_accepts_huge_finite_values():
+    u = torch.full((8,), 3e38)                       # the sum overflows, every entry is finite
+    out = fk.layerwise_topq(u, [(0, 8)], [0.5])
+    assert torch.equal(out[0], u)                    # all tied at the threshold: all kept
+    U = torch.full((2, 8), 3e38)
+    assert fk.cosine_to_aggregate(U, u, backend="torch").tolist() == pytest.approx([1.0, 1.0])   # float64
