@@ -415,32 +415,29 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
     // dynamic: on a shared machine a descheduled thread must not hold half of the work
     parallel_region(nt, [&] {
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      Scratch& sc = scratch.mine();
-      const int64_t e0 = t * kTile, n = std::min(kTile, P - e0);
-      c.tile(sc, e0, n, [&](int track) {
-        if (!masks) {
-          // non-zero rule: up to 4 clients per pass over the tile (still added in order)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        Scratch& sc = scratch.mine();
+        const int64_t e0 = t * kTile, n = std::min(kTile, P - e0);
+        c.tile(sc, e0, n, [&](int track) {
+          // up to 4 clients per pass over the tile (still added in order); with explicit masks,
+          // a client's all-zero 64-element mask chunks skip its values
           for (int64_t q = 0; q < nl; q += 4) {
             const int G = (int)std::min<int64_t>(4, nl - q);
             const void* v[4];
+            const uint8_t* m[4];
             float w[4];
             for (int i = 0; i < G; ++i) {
-              v[i] = c.row(live[q + i], e0);
-              w[i] = a->weights[live[q + i]];
+              const int64_t k = live[q + i];
+              v[i] = c.row(k, e0);
+              m[i] = masks ? masks[k] + e0 : nullptr;
+              w[i] = a->weights[k];
             }
-            const uint32_t bad = c.kern->accum_nz_group(sc.num, sc.den, v, a->dtype, w, n, G, track);
+            const uint32_t bad = c.kern->accum_group(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, track);
             for (int i = 0; i < G; ++i)
               if (bad >> i & 1u) c.flag(live[q + i]);
           }
-        } else {
-          // explicit masks: one client at a time, so all-zero mask chunks skip their values
-          for (int64_t k : live)
-            if (c.kern->accum(sc.num, sc.den, c.row(k, e0), a->dtype, masks[k] + e0, n, a->weights[k], 0, track))
-              c.flag(k);
-        }
-      });
-    }
+        });
+      }
     });
     return FK_OK;
   } catch (const std::bad_alloc&) {
@@ -520,13 +517,13 @@ extern "C" int fk_cpu_compact(const fk_accum_args* a, const fk_segment* segs, in
 
     parallel_region(nt, [&] {
 #pragma omp for schedule(dynamic, 2)
-    for (int64_t t = 0; t < ntiles; ++t) {
-      Scratch& sc = scratch.mine();
-      const Tile& tl = tiles[t];
-      const fk_segment& g = segs[tl.seg];
-      const int64_t e0 = g.offset + tl.o0 * g.cols * g.inner + tl.j0;
-      c.tile(sc, e0, (tl.o1 - tl.o0) * (tl.j1 - tl.j0), [&](int track) { cp.clients(tl, sc, track); });
-    }
+      for (int64_t t = 0; t < ntiles; ++t) {
+        Scratch& sc = scratch.mine();
+        const Tile& tl = tiles[t];
+        const fk_segment& g = segs[tl.seg];
+        const int64_t e0 = g.offset + tl.o0 * g.cols * g.inner + tl.j0;
+        c.tile(sc, e0, (tl.o1 - tl.o0) * (tl.j1 - tl.j0), [&](int track) { cp.clients(tl, sc, track); });
+      }
     });
     return FK_OK;
   } catch (const std::bad_alloc&) {

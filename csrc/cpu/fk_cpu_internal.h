@@ -62,10 +62,12 @@ const char* isa_name(int level);
  * whose gate bytes are all zero (their values are never read). */
 typedef uint32_t (*accum_fn)(float* num, float* den, const void* v, int dtype, const uint8_t* gate,
                              int64_t n, float w, int nonzero, int track);
-/* G (1..4) clients at once, non-zero rule, no gates, added in order c = 0..G-1 (bit-identical to
- * G accum calls). With track, bit c of the result flags client c. */
+/* G (1..4) clients at once, added in order c = 0..G-1 (bit-identical to G accum calls):
+ * gates == NULL: the non-zero rule; else client c is active where gates[c][j] != 0 (all-zero
+ * 64-element chunks of a client are not read). With track, bit c of the result flags client c. */
 typedef uint32_t (*accum_group_fn)(float* num, float* den, const void* const* v, int dtype,
-                                   const float* w, int64_t n, int G, int track);
+                                   const uint8_t* const* gates, const float* w, int64_t n, int G,
+                                   int track);
 /* 1 iff some x[j] is inf or nan */
 typedef int (*any_nonfinite_fn)(const float* x, int64_t n);
 /* out[j] = den[j] > 0 ? g[j] + num[j] / den[j] : g[j]   (out may equal g) */
@@ -75,7 +77,7 @@ typedef void (*widen_fn)(float* dst, const void* src, int dtype, int64_t n);
 
 struct SpanKernels {
   accum_fn accum;
-  accum_group_fn accum_nz_group;
+  accum_group_fn accum_group;
   any_nonfinite_fn any_nonfinite;
   finalize_fn finalize;
   widen_fn widen;

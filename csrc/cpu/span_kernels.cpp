@@ -120,19 +120,25 @@ static FK_ALWAYS_INLINE uint32_t accum_body(float* num, float* den, const void* 
                : accum_body_t<false>(num, den, v, dtype, gate, n, w, nonzero);
 }
 
-/* G clients at once under the non-zero rule, no gates: num/den stay in registers across the G
- * clients (added in client order), so the tile buffers are loaded and stored once per G clients
- * instead of once per client. Returns bit c set iff client c had an active non-finite value. */
-template <int DT, int G, bool TRACK>
-static FK_ALWAYS_INLINE uint32_t accum_nz_group_t(float* __restrict num, float* __restrict den,
-                                                   const void* const* vp, const float* wp, int64_t n) {
+/* G clients at once: num/den stay in registers across the G clients (added in client order), so
+ * the tile buffers are loaded and stored once per G clients instead of once per client. NZ: the
+ * non-zero rule; GATED: client c's gate bytes gp[c]. Returns bit c set iff client c had an active
+ * non-finite value (TRACK only). */
+template <int DT, int G, bool NZ, bool GATED, bool TRACK>
+static FK_ALWAYS_INLINE uint32_t accum_group_t(float* __restrict num, float* __restrict den,
+                                                const void* const* vp, const uint8_t* const* gp,
+                                                const float* wp, int64_t off, int64_t n) {
   typedef typename Elem<DT>::type T;
   const T* __restrict v[G];
+  const uint8_t* __restrict gt[G];
   float w[G];
   for (int c = 0; c < G; ++c) {
-    v[c] = static_cast<const T*>(vp[c]);
+    v[c] = static_cast<const T*>(vp[c]) + off;
+    gt[c] = GATED ? gp[c] + off : nullptr;
     w[c] = wp[c];
   }
+  num += off;
+  den += off;
   uint32_t bad[G];
   for (int c = 0; c < G; ++c) bad[c] = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -140,7 +146,9 @@ static FK_ALWAYS_INLINE uint32_t accum_nz_group_t(float* __restrict num, float* 
     // straight-line over c (G is a constant): the clients in order, num/den in registers
     auto step = [&](const int c) FK_ALWAYS_INLINE_LAMBDA {
       const float x = Elem<DT>::widen(v[c][j]);
-      const bool a = is_nonzero(x);
+      bool a = true;
+      if (GATED) a = gt[c][j] != 0;
+      if (NZ) a = a & is_nonzero(x);
       const float t = w[c] * x;
       const float s = nm + t;
       const float d = dn + w[c];
@@ -160,28 +168,81 @@ static FK_ALWAYS_INLINE uint32_t accum_nz_group_t(float* __restrict num, float* 
   return mask;
 }
 
+/* G clients with gates, chunk by chunk: a chunk where every client's gate is all ones runs
+ * ungated, one where none is all zeros runs gated, and one where some client's gate is all zeros
+ * runs client by client (in order) so that the dead clients' values are not read. */
+template <int DT, int G, bool TRACK>
+static FK_ALWAYS_INLINE uint32_t accum_masked_group_t(float* num, float* den, const void* const* vp,
+                                                       const uint8_t* const* gp, const float* wp,
+                                                       int64_t n) {
+  typedef typename Elem<DT>::type T;
+  uint32_t bad = 0;
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    uint32_t dead = 0, full = 0;
+    for (int c = 0; c < G; ++c) {
+      uint64_t any = 0, all = ~0ull;
+      for (int q = 0; q < kChunk / 8; ++q) {
+        const uint64_t u = load_u64(gp[c] + j + 8 * q);
+        any |= u;
+        all &= u;
+      }
+      dead |= (any == 0 ? 1u : 0u) << c;
+      full |= (all == 0x0101010101010101ull ? 1u : 0u) << c;
+    }
+    const uint32_t every = (1u << G) - 1;
+    if (dead == every) continue;
+    if (dead == 0) {
+      if (full == every)
+        bad |= accum_group_t<DT, G, false, false, TRACK>(num, den, vp, gp, wp, j, kChunk);
+      else
+        bad |= accum_group_t<DT, G, false, true, TRACK>(num, den, vp, gp, wp, j, kChunk);
+      continue;
+    }
+    for (int c = 0; c < G; ++c) {
+      if (dead >> c & 1u) continue;
+      const T* v = static_cast<const T*>(vp[c]) + j;
+      const uint32_t b = (full >> c & 1u)
+                             ? accum_run<DT, false, false, TRACK>(num + j, den + j, v, nullptr, kChunk, wp[c])
+                             : accum_run<DT, false, true, TRACK>(num + j, den + j, v, gp[c] + j, kChunk, wp[c]);
+      bad |= (b ? 1u : 0u) << c;
+    }
+  }
+  if (j < n) bad |= accum_group_t<DT, G, false, true, TRACK>(num, den, vp, gp, wp, j, n - j);
+  return bad;
+}
+
 template <int DT, bool TRACK>
-static FK_ALWAYS_INLINE uint32_t accum_nz_group_d(float* num, float* den, const void* const* v,
-                                                   const float* w, int64_t n, int G) {
+static FK_ALWAYS_INLINE uint32_t accum_group_d(float* num, float* den, const void* const* v,
+                                                const uint8_t* const* gates, const float* w, int64_t n,
+                                                int G) {
+  if (gates) {
+    switch (G) {
+      case 1: return accum_masked_group_t<DT, 1, TRACK>(num, den, v, gates, w, n);
+      case 2: return accum_masked_group_t<DT, 2, TRACK>(num, den, v, gates, w, n);
+      case 3: return accum_masked_group_t<DT, 3, TRACK>(num, den, v, gates, w, n);
+      default: return accum_masked_group_t<DT, 4, TRACK>(num, den, v, gates, w, n);
+    }
+  }
   switch (G) {
-    case 1: return accum_nz_group_t<DT, 1, TRACK>(num, den, v, w, n);
-    case 2: return accum_nz_group_t<DT, 2, TRACK>(num, den, v, w, n);
-    case 3: return accum_nz_group_t<DT, 3, TRACK>(num, den, v, w, n);
-    default: return accum_nz_group_t<DT, 4, TRACK>(num, den, v, w, n);
+    case 1: return accum_group_t<DT, 1, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
+    case 2: return accum_group_t<DT, 2, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
+    case 3: return accum_group_t<DT, 3, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
+    default: return accum_group_t<DT, 4, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
   }
 }
 
-static FK_ALWAYS_INLINE uint32_t accum_nz_group_body(float* num, float* den, const void* const* v,
-                                                      int dtype, const float* w, int64_t n, int G,
-                                                      int track) {
+static FK_ALWAYS_INLINE uint32_t accum_group_body(float* num, float* den, const void* const* v, int dtype,
+                                                   const uint8_t* const* gates, const float* w, int64_t n,
+                                                   int G, int track) {
   if (track) {
-    if (dtype == FK_F32) return accum_nz_group_d<FK_F32, true>(num, den, v, w, n, G);
-    if (dtype == FK_BF16) return accum_nz_group_d<FK_BF16, true>(num, den, v, w, n, G);
-    return accum_nz_group_d<FK_F16, true>(num, den, v, w, n, G);
+    if (dtype == FK_F32) return accum_group_d<FK_F32, true>(num, den, v, gates, w, n, G);
+    if (dtype == FK_BF16) return accum_group_d<FK_BF16, true>(num, den, v, gates, w, n, G);
+    return accum_group_d<FK_F16, true>(num, den, v, gates, w, n, G);
   }
-  if (dtype == FK_F32) return accum_nz_group_d<FK_F32, false>(num, den, v, w, n, G);
-  if (dtype == FK_BF16) return accum_nz_group_d<FK_BF16, false>(num, den, v, w, n, G);
-  return accum_nz_group_d<FK_F16, false>(num, den, v, w, n, G);
+  if (dtype == FK_F32) return accum_group_d<FK_F32, false>(num, den, v, gates, w, n, G);
+  if (dtype == FK_BF16) return accum_group_d<FK_BF16, false>(num, den, v, gates, w, n, G);
+  return accum_group_d<FK_F16, false>(num, den, v, gates, w, n, G);
 }
 
 static FK_ALWAYS_INLINE int any_nonfinite_body(const float* __restrict x, int64_t n) {
@@ -221,9 +282,10 @@ static FK_ALWAYS_INLINE void widen_body(float* dst, const void* src, int dtype, 
                              const uint8_t* gate, int64_t n, float w, int nonzero, int track) {  \
     return accum_body(num, den, v, dtype, gate, n, w, nonzero, track);                           \
   }                                                                                              \
-  ATTR uint32_t accum_nz_group_##NAME(float* num, float* den, const void* const* v, int dtype,  \
-                                      const float* w, int64_t n, int G, int track) {             \
-    return accum_nz_group_body(num, den, v, dtype, w, n, G, track);                              \
+  ATTR uint32_t accum_group_##NAME(float* num, float* den, const void* const* v, int dtype,     \
+                                   const uint8_t* const* gates, const float* w, int64_t n, int G, \
+                                   int track) {                                                  \
+    return accum_group_body(num, den, v, dtype, gates, w, n, G, track);                          \
   }                                                                                              \
   ATTR int any_nonfinite_##NAME(const float* x, int64_t n) { return any_nonfinite_body(x, n); } \
   ATTR void finalize_##NAME(float* out, const float* g, const float* num, const float* den,     \
@@ -243,7 +305,7 @@ FK_DEFINE_LEVEL(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512d
 }  // namespace
 
 const SpanKernels& span_kernels_for(Isa level) {
-#define FK_TABLE(NAME) {accum_##NAME, accum_nz_group_##NAME, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
+#define FK_TABLE(NAME) {accum_##NAME, accum_group_##NAME, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
   static const SpanKernels base = FK_TABLE(base);
 #if defined(__x86_64__)
   static const SpanKernels avx2 = FK_TABLE(avx2);

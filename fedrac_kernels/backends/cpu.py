@@ -63,32 +63,44 @@ def _check_cpu(*ts) -> None:
             raise ValueError(f"cpu back end: tensors must be on the CPU, got {t.device}")
 
 
+def _rows(rows: list, keep: list) -> tuple:
+    """(dtype code, row pointers); rows must share one update dtype and live on the CPU."""
+    if not rows:
+        return 0, []
+    dt = rows[0].dtype
+    code = _UPDATE_DTYPES.get(dt)
+    if code is None:
+        raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {dt}")
+    ptrs = []
+    for r in rows:  # one pass, cheap attribute checks only: this runs on every aggregation call
+        if r.dtype != dt:
+            raise TypeError("rows: all rows must share one dtype")
+        if r.device.type != "cpu":
+            raise ValueError(f"cpu back end: tensors must be on the CPU, got {r.device}")
+        if not r.is_contiguous():
+            r = r.contiguous()
+            keep.append(r)
+        ptrs.append(r.data_ptr())
+    return code, ptrs
+
+
 def _accum_tuple(acc: Accum, keep: list) -> tuple:
     """fk_accum_args as the binding's tuple; `keep` holds every temporary alive for the call."""
-    rows = [_contig(r) for r in acc.rows]
-    if rows:
-        dt = rows[0].dtype
-        if dt not in _UPDATE_DTYPES:
-            raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {dt}")
-        if any(r.dtype != dt for r in rows):
-            raise TypeError("rows: all rows must share one dtype")
-        code = _UPDATE_DTYPES[dt]
-    else:
-        code = 0
-    weights = _contig(acc.weights, torch.float32)
+    code, ptrs = _rows(acc.rows, keep)
     if acc.flags.dtype != torch.int32 or not acc.flags.is_contiguous():
         raise TypeError("flags: must be a contiguous int32 tensor (it is written in place)")
     for name in ("out", "acc_num", "acc_den"):
         t = getattr(acc, name)
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             raise TypeError(f"{name}: must be a contiguous float32 tensor (it is written in place)")
+    weights = _contig(acc.weights, torch.float32)
     g = _contig(acc.g, torch.float32)
     init_num = _contig(acc.init_num, torch.float32)
     init_den = _contig(acc.init_den, torch.float32)
-    _check_cpu(weights, acc.flags, g, acc.out, init_num, init_den, acc.acc_num, acc.acc_den, *rows)
-    keep += [rows, weights, g, init_num, init_den]
-    return (acc.K, int(acc.P), code, [r.data_ptr() for r in rows], weights.data_ptr(), _ptr(g), _ptr(acc.out),
-            _ptr(init_num), _ptr(init_den), _ptr(acc.acc_num), _ptr(acc.acc_den), acc.flags.data_ptr())
+    _check_cpu(weights, acc.flags, g, acc.out, init_num, init_den, acc.acc_num, acc.acc_den)
+    keep += [weights, g, init_num, init_den]
+    return (len(ptrs), int(acc.P), code, ptrs, weights.data_ptr(), _ptr(g), _ptr(acc.out), _ptr(init_num),
+            _ptr(init_den), _ptr(acc.acc_num), _ptr(acc.acc_den), acc.flags.data_ptr())
 
 
 def _as_u8(t: torch.Tensor) -> torch.Tensor:
