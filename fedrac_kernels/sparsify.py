@@ -233,6 +233,8 @@ def _check_targets(targets, u: torch.Tensor, name: str = "targets") -> list[torc
             raise TypeError(f"{name}: expected float32, got {targets.dtype}")
         if P > 1 and targets.stride(1) != 1:
             raise ValueError(f"{name}: rows must be contiguous (stride 1 along P)")
+        if targets.shape[0] > 1 and P and abs(targets.stride(0)) < P:
+            raise ValueError(f"{name}: rows overlap in memory (stride {targets.stride(0)} along K)")
         rows = list(targets.unbind(0))
     elif isinstance(targets, (list, tuple)):
         rows = list(targets)
@@ -748,3 +750,40 @@ def cosine_to_aggregate(U, u: torch.Tensor, *, eps: float = 1e-10, return_norms:
     if return_norms:
         return CosineNorms(cos, norms, unorm)
     return cos
+
+
+# ------------------------------------------------------------------------------- AOT self-check
+
+def aot_report(arch: int = 90) -> list[dict]:
+    """Compile every kernel variant for ``sm_<arch>`` without a GPU (Triton AOT) and report the
+    PTX size and the number of FMA instructions (must be 0: ``enable_fp_fusion=False``). Needs
+    the kernels defined *without* TRITON_INTERPRET (tests/test_sparsify.py runs it in a subprocess)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kern = _kernels()
+    if "error" in kern:
+        raise RuntimeError(f"triton unusable: {kern['error']}")
+    if kern["interpreted"]:
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1; unset it to AOT-compile")
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    select_sig = {"TPTRS": "*i64", "U": "*fp32", "THR": "*fp32", "CNT": "*i64", "RANK": "*i64", "BSEG": "*i64",
+                  "BSTART": "*i64", "SEGEND": "*i64", "S": "i32", "K": "i32", "alpha": "fp32"}
+    jobs = [(f"select_add[RANDOM={r},USE_ALPHA={a}]", kern["select_add"], select_sig,
+             {"RANDOM": r, "USE_ALPHA": a, "BLOCK": BLOCK}) for r in (False, True) for a in (False, True)]
+    jobs.append(("cosine_partial", kern["cosine_partial"], {"UPTRS": "*i64", "A": "*fp32", "OUT": "*fp32",
+                                                            "P": "i64", "K": "i32"}, {"BLOCK": BLOCK}))
+    out = []
+    for name, fn, sig, consts in jobs:
+        full = {**sig, **{c: "constexpr" for c in consts}}
+        src = ASTSource(fn=fn, signature={a: full[a] for a in fn.arg_names}, constexprs=consts, attrs={})
+        opts = backend.parse_options({"num_warps": NUM_WARPS, "enable_fp_fusion": False})
+        k = triton.compile(src, target=target, options=opts.__dict__)
+        ptx = k.asm["ptx"]
+        out.append({"name": name, "ptx_chars": len(ptx), "fma": len(re.findall(r"\bfma\.rn", ptx)),
+                    "local_memory": ".local" in ptx})
+    return out

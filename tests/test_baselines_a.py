@@ -472,7 +472,13 @@ def test_standalone_rewards_are_the_standalone_models(tmp_path):
     assert summary["fairness"] == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("name,extra", [("cgsv", []), ("iafl", ["--set", "recovery_prob=0.5"])])
+@pytest.mark.parametrize("name,extra", [
+    ("cgsv", []),
+    ("iafl", ["--set", "recovery_prob=0.5"]),
+    ("cffl", ["--set", "largest_criterion=all", "--set", "cffl_download=random"]),
+    ("fedave", []),
+    ("standalone", ["--set", "standalone_epochs=1"]),
+])
 def test_stop_and_resume_is_bit_identical(tmp_path, name, extra):
     args = ["--algorithm", name, "--data-dir", str(tmp_path / "data"), "--clients", "4", "--rounds", "4",
             "--quiet", "--set", "plots=false", "--set", f"standalone_acc={S4}"] + extra
@@ -484,6 +490,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, name, extra):
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["algorithm"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["algorithm"]
     assert torch.equal(bits(a["V"]), bits(b["V"]))
+    assert a.keys() == b.keys()
     for key in a:
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key

@@ -120,9 +120,12 @@ class PersonalAlgorithm(Algorithm):
         return ParamRewards(list(self.V.unbind(0)))
 
     def state_dict(self) -> dict:
-        sd = {"V": self.V.detach().clone()}
+        """The personal models and the ``state_fields`` (large tensors by reference: the loop
+        serialises the dict at once; small values copied)."""
+        sd = {"V": self.V}
         for f in self.state_fields:
-            sd[f] = _copy_state(getattr(self, f))
+            v = getattr(self, f)
+            sd[f] = v if isinstance(v, torch.Tensor) and v.numel() > 4096 else _copy_state(v)
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
