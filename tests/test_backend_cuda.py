@@ -276,7 +276,7 @@ def gen_sort_keys(gen, kind: str, N: int, dtype: torch.dtype) -> torch.Tensor:
             return k
         hi = 2**31 - 1 if dtype == torch.int32 else 2**62
         k = torch.randint(-hi, hi, (N,), generator=gen, dtype=torch.int64).to(dtype)
-        k[::7] = k[3]
+        k[::7] = k[min(3, N - 1)]
         return k
     if kind == "zeros":         # signed zeros and extremes
         base = torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0, -1.0, float("inf"), -float("inf"), 1e-45, -1e-45, -0.0],

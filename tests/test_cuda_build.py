@@ -5,11 +5,14 @@
    "0 bytes spill stores" for each). The per-kernel register/spill table is printed (``-s``).
 2. The built module ``fedrac_kernels._cuda`` (if setup.py built it) imports without a GPU or driver,
    and the back end reports ``(False, reason)`` instead of failing.
-3. Host emulation: the synchronisation-free kernels (dense, structured, compact) and the sort-key
-   images are compiled with g++ through ``csrc/cuda/fk_host_emu.cuh`` and every thread of the grid
-   is run one after the other on CPU tensors, then compared bit for bit with the torch oracle on
-   the cases of tests/test_backend_cuda.py. This checks the kernels' index arithmetic, gating,
-   alignment classes and client loop without a GPU; the GPU tests re-check everything on hardware.
+3. Host emulation: every .cu file is compiled with g++ -DFK_HOST_EMU through
+   ``csrc/cuda/fk_host_emu.cuh`` (one host thread per CUDA thread, barriers for __syncthreads and
+   the warp intrinsics, simple stand-ins for the CUB primitives), and the real ``fk_cuda_*`` entry
+   points run on CPU tensors, compared bit for bit with the torch oracle on the cases of
+   tests/test_backend_cuda.py: aggregation (every form, dtype, mode and alignment class),
+   frequency updates, every planning path of the sort, nested masks. This checks the kernels'
+   index arithmetic, gating, block-level logic and the host orchestration without a GPU; the GPU
+   tests re-check everything on hardware (real CUB, real memory model, real timings).
 
 Skips cleanly when nvcc (1) or g++ (3) is absent. The .cu files are compiled in parallel, one nvcc
 per file, once per session.
@@ -183,79 +186,14 @@ def test_module_imports_and_reports_cleanly():
 
 # ------------------------------------------------------------------------------- host emulation
 
+# Besides the .cu files (the real entry points), the emulated library gets this small unit: the
+# plan/key-image functions of the sort, exported for a direct check, and a switch that makes the
+# emulated streams report a CUDA graph capture (the sort then skips its key-range read).
 _HARNESS = r"""
-#define FK_HOST_EMU 1
-#include <stdarg.h>
-#include <stdio.h>
-#include <string>
-#include "fedrac_kernels.h"
 #include "fk_cuda_common.cuh"
-
-thread_local fk_emu_dim3 blockIdx, threadIdx, blockDim, gridDim;
-
-namespace fk {
-static std::string g_err;
-int fail(int code, const char* fmt, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof(buf), fmt, ap);
-  va_end(ap);
-  g_err = buf;
-  return code;
-}
-}  // namespace fk
-
-#include "aggregate_common.cu"
-#include "dense.cu"
-#include "structured.cu"
-#include "compact.cu"
 #include "fk_keys.cuh"
 
 using namespace fk;
-
-template <class F>
-static void grid_run(int64_t grid, unsigned block, F&& f) {
-  gridDim = {static_cast<unsigned>(grid), 1, 1};
-  blockDim = {block, 1, 1};
-  for (int64_t b = 0; b < grid; ++b) {
-    blockIdx = {static_cast<unsigned>(b), 0, 0};
-    for (unsigned t = 0; t < block; ++t) {
-      threadIdx = {t, 0, 0};
-      f();
-    }
-  }
-}
-
-template <int DT>
-static void dense_t(const AggArgs& a, const uint8_t* const* masks) {
-  const int64_t grid = ceil_div(ceil_div(a.P, Vec<DT>::V), kAggThreads);
-  if (masks) grid_run(grid, kAggThreads, [&] { dense_kernel<DT, true>(a, masks); });
-  else grid_run(grid, kAggThreads, [&] { dense_kernel<DT, false>(a, masks); });
-}
-
-template <int DT>
-static void structured_t(const AggArgs& a, const fk_segment* segs, int64_t S, int64_t N, const uint8_t* nm,
-                         const int32_t* rank, const int32_t* sizes, int nz) {
-  const int64_t grid = ceil_div(ceil_div(a.P, kStructElems), kAggThreads);
-  auto go = [&](auto nested, auto nonzero) {
-    grid_run(grid, kAggThreads, [&] {
-      structured_kernel<DT, decltype(nested)::value, decltype(nonzero)::value>(a, segs, S, N, nm, rank, sizes);
-    });
-  };
-  using T = std::true_type;
-  using F = std::false_type;
-  if (nm == nullptr) { if (nz) go(T{}, T{}); else go(T{}, F{}); }
-  else { if (nz) go(F{}, T{}); else go(F{}, F{}); }
-}
-
-template <int DT>
-static void compact_t(const AggArgs& a, const fk_segment* segs, int64_t S, int64_t N, const int32_t* inv,
-                      const int64_t* so, const int64_t* sc) {
-  const int64_t grid = ceil_div(ceil_div(a.P, kCompactElems), kAggThreads);
-  if (a.P < 0x7fffffffLL) grid_run(grid, kAggThreads, [&] { compact_kernel<DT, true>(a, segs, S, N, inv, so, sc); });
-  else grid_run(grid, kAggThreads, [&] { compact_kernel<DT, false>(a, segs, S, N, inv, so, sc); });
-}
 
 template <int KD>
 static void keys_t(const void* keys, int64_t n, int* plan_out, unsigned long long* out) {
@@ -281,45 +219,7 @@ static void keys_t(const void* keys, int64_t n, int* plan_out, unsigned long lon
 }
 
 extern "C" {
-const char* emu_last_error() { return g_err.c_str(); }
-
-int emu_dense(const fk_accum_args* args, const uint8_t* const* masks) {
-  AggArgs a;
-  const int rc = make_agg_args(args, "emu_dense", &a);
-  if (rc != FK_OK || a.P == 0) return rc;
-  switch (args->dtype) {
-    case FK_F32: dense_t<FK_F32>(a, masks); break;
-    case FK_BF16: dense_t<FK_BF16>(a, masks); break;
-    default: dense_t<FK_F16>(a, masks);
-  }
-  return FK_OK;
-}
-
-int emu_structured(const fk_accum_args* args, const fk_segment* segs, int64_t S, int64_t N, const uint8_t* nm,
-                   const int32_t* rank, const int32_t* sizes, int nz) {
-  AggArgs a;
-  const int rc = make_agg_args(args, "emu_structured", &a);
-  if (rc != FK_OK || a.P == 0) return rc;
-  switch (args->dtype) {
-    case FK_F32: structured_t<FK_F32>(a, segs, S, N, nm, rank, sizes, nz); break;
-    case FK_BF16: structured_t<FK_BF16>(a, segs, S, N, nm, rank, sizes, nz); break;
-    default: structured_t<FK_F16>(a, segs, S, N, nm, rank, sizes, nz);
-  }
-  return FK_OK;
-}
-
-int emu_compact(const fk_accum_args* args, const fk_segment* segs, int64_t S, int64_t N, const int32_t* inv,
-                const int64_t* so, const int64_t* sc) {
-  AggArgs a;
-  const int rc = make_agg_args(args, "emu_compact", &a);
-  if (rc != FK_OK || a.P == 0) return rc;
-  switch (args->dtype) {
-    case FK_F32: compact_t<FK_F32>(a, segs, S, N, inv, so, sc); break;
-    case FK_BF16: compact_t<FK_BF16>(a, segs, S, N, inv, so, sc); break;
-    default: compact_t<FK_F16>(a, segs, S, N, inv, so, sc);
-  }
-  return FK_OK;
-}
+void emu_set_capturing(int on) { fk_emu_capturing = on; }
 
 void emu_sort_keys(const void* keys, int dtype, int64_t n, int* plan, unsigned long long* out) {
   switch (dtype) {
@@ -345,53 +245,89 @@ _KD = {torch.float32: 0, torch.float64: 1, torch.int32: 2, torch.int64: 3}
 
 
 class _Emu:
-    """ctypes front end of the host-emulated kernels, with the back-end protocol's signatures."""
+    """The fk_cuda_* entry points of the host-emulated build, with the back-end protocol's
+    signatures over CPU tensors ("device pointers" are host pointers, the stream is NULL)."""
 
     def __init__(self, lib):
         self.lib = lib
-        vp, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.emu_dense.argtypes = [vp, vp]
-        lib.emu_structured.argtypes = [vp, vp, i64, i64, vp, vp, vp, ctypes.c_int]
-        lib.emu_compact.argtypes = [vp, vp, i64, i64, vp, vp, vp]
+        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.fk_cuda_dense.argtypes = [vp, vp, vp]
+        lib.fk_cuda_structured.argtypes = [vp, vp, i64, i64, vp, vp, vp, ctypes.c_int, vp]
+        lib.fk_cuda_compact.argtypes = [vp, vp, i64, i64, vp, vp, vp, vp]
+        lib.fk_cuda_frequency_update.argtypes = [vp, i32, vp, vp, vp, i64, i64, vp]
+        lib.fk_cuda_stable_argsort.argtypes = [vp, i32, vp, i64, vp, ctypes.POINTER(ctypes.c_size_t), vp]
+        lib.fk_cuda_nested_masks.argtypes = [vp, vp, vp, i64, i64, vp]
+        lib.fk_last_error.restype = ctypes.c_char_p
         lib.emu_sort_keys.argtypes = [vp, ctypes.c_int, i64, vp, vp]
-        lib.emu_last_error.restype = ctypes.c_char_p
+        lib.emu_set_capturing.argtypes = [ctypes.c_int]
 
     @staticmethod
     def _p(t):
         return None if t is None else t.data_ptr()
 
+    def _check(self, rc):
+        assert rc == 0, f"rc={rc}: {self.lib.fk_last_error().decode()}"
+
     def _args(self, acc, keep, extra=None):
         ptrs = [r.data_ptr() for r in acc.rows] + ([m.data_ptr() for m in extra] if extra else [])
         arr = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
         keep.append(arr)
-        a = _AccumArgs(acc.K, acc.P, _DT[acc.rows[0].dtype], ctypes.cast(arr, ctypes.c_void_p).value,
-                       acc.weights.data_ptr(), self._p(acc.g), self._p(acc.out), self._p(acc.init_num),
-                       self._p(acc.init_den), self._p(acc.acc_num), self._p(acc.acc_den), acc.flags.data_ptr())
+        a = _AccumArgs(acc.K, acc.P, _DT[acc.rows[0].dtype], ctypes.addressof(arr), acc.weights.data_ptr(),
+                       self._p(acc.g), self._p(acc.out), self._p(acc.init_num), self._p(acc.init_den),
+                       self._p(acc.acc_num), self._p(acc.acc_den), acc.flags.data_ptr())
         keep.append(a)
         mptr = ctypes.addressof(arr) + 8 * acc.K if extra else None
         return ctypes.byref(a), mptr
-
-    def _check(self, rc):
-        assert rc == 0, self.lib.emu_last_error().decode()
 
     def dense(self, acc, masks):
         keep = []
         ms = [m.to(torch.uint8) if m.dtype == torch.bool else m for m in masks] if masks else None
         a, mptr = self._args(acc, keep, ms)
-        self._check(self.lib.emu_dense(a, mptr))
+        self._check(self.lib.fk_cuda_dense(a, mptr, None))
 
     def structured(self, acc, segs, N, nm, rank, sizes, nonzero):
         keep = []
         a, _ = self._args(acc, keep)
         nm8 = None if nm is None else nm.to(torch.uint8).contiguous()
-        self._check(self.lib.emu_structured(a, segs.data_ptr(), segs.shape[0], N, self._p(nm8), self._p(rank),
-                                            self._p(sizes), int(nonzero)))
+        self._check(self.lib.fk_cuda_structured(a, segs.data_ptr(), segs.shape[0], N, self._p(nm8), self._p(rank),
+                                                self._p(sizes), int(nonzero), None))
 
     def compact(self, acc, segs, N, inv, seg_off, seg_cols):
         keep = []
         a, _ = self._args(acc, keep)
-        self._check(self.lib.emu_compact(a, segs.data_ptr(), segs.shape[0], N, inv.data_ptr(), seg_off.data_ptr(),
-                                         seg_cols.data_ptr()))
+        self._check(self.lib.fk_cuda_compact(a, segs.data_ptr(), segs.shape[0], N, inv.data_ptr(),
+                                             seg_off.data_ptr(), seg_cols.data_ptr(), None))
+
+    def frequency_update(self, freq, masks, rank, sizes):
+        N = freq.numel()
+        if masks is not None:
+            m = masks.to(torch.uint8).contiguous()
+            self._check(self.lib.fk_cuda_frequency_update(freq.data_ptr(), _KD[freq.dtype], m.data_ptr(), None, None,
+                                                          m.shape[0], N, None))
+        else:
+            self._check(self.lib.fk_cuda_frequency_update(freq.data_ptr(), _KD[freq.dtype], None, rank.data_ptr(),
+                                                          sizes.data_ptr(), sizes.numel(), N, None))
+
+    def stable_argsort(self, keys):
+        n = keys.numel()
+        order = torch.full((n,), -7, dtype=torch.int64)
+        nbytes = ctypes.c_size_t(0)
+        self._check(self.lib.fk_cuda_stable_argsort(keys.data_ptr(), _KD[keys.dtype], order.data_ptr(), n, None,
+                                                    ctypes.byref(nbytes), None))
+        assert nbytes.value >= 256
+        ws = torch.full((nbytes.value + 256,), 0xA5, dtype=torch.uint8)  # garbage, aligned below
+        base = ws.data_ptr()
+        aligned = (base + 255) // 256 * 256
+        self._check(self.lib.fk_cuda_stable_argsort(keys.data_ptr(), _KD[keys.dtype], order.data_ptr(), n, aligned,
+                                                    ctypes.byref(nbytes), None))
+        return order
+
+    def nested_masks(self, order, sizes):
+        out = torch.full((sizes.numel(), order.numel()), 0xA5, dtype=torch.uint8)
+        self._check(self.lib.fk_cuda_nested_masks(out.data_ptr(), order.data_ptr(), sizes.data_ptr(), sizes.numel(),
+                                                  order.numel(), None))
+        assert int(out.max()) <= 1 if out.numel() else True  # every byte written, 0 or 1
+        return out.to(torch.bool)
 
     def sort_keys(self, keys):
         n = keys.numel()
@@ -406,14 +342,25 @@ def emu(tmp_path_factory):
     cxx = shutil.which("g++") or shutil.which("c++")
     if not cxx:
         pytest.skip("no C++ compiler for the host emulation")
-    d = tmp_path_factory.mktemp("emu")
-    src = os.path.join(str(d), "harness.cpp")
-    lib = os.path.join(str(d), "libfkemu.so")
-    with open(src, "w") as f:
+    d = str(tmp_path_factory.mktemp("emu"))
+    with open(os.path.join(d, "harness.cpp"), "w") as f:
         f.write(_HARNESS)
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
-           "-Wno-unknown-pragmas", "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + CUDA_DIR, src, "-o", lib]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    flags = ["-std=c++20", "-O1", "-fPIC", "-DFK_HOST_EMU", "-ffp-contract=off", "-fno-strict-aliasing",
+             "-Wno-unknown-pragmas", "-I" + os.path.join(ROOT, "csrc", "include"), "-I" + CUDA_DIR]
+    srcs = CU_FILES + [os.path.join(d, "harness.cpp")]
+
+    def compile_one(src):
+        obj = os.path.join(d, os.path.basename(src) + ".o")
+        p = subprocess.run([cxx, "-x", "c++", "-c", src, "-o", obj] + flags, capture_output=True, text=True)
+        return obj, p.returncode, p.stdout + p.stderr
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(srcs), os.cpu_count() or 1))) as pool:
+        res = list(pool.map(compile_one, srcs))
+    for obj, rc, text in res:
+        assert rc == 0, f"host-emulation compile of {obj} failed:\n{text[-4000:]}"
+    lib = os.path.join(d, "libfkemu.so")
+    p = subprocess.run([cxx, "-shared", "-o", lib] + [r[0] for r in res] + ["-pthread"], capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     return _Emu(ctypes.CDLL(lib))
 
@@ -448,7 +395,7 @@ def test_emulated_dense(emu, gen, dtype):
                            misalign=misalign)
 
 
-def test_emulated_dense_flags_and_bit_patterns(emu, gen):
+def test_emulated_dense_flags_bit_patterns_many_clients(emu, gen):
     K, P = 6, 2053
     rows = cases.gen_rows(gen, K, P, torch.float32, nonfinite=(1, 4))
     ref = _emu_check(emu, "dense", cases.gen_acc(gen, rows, cases.gen_weights(gen, K), P), None)
@@ -457,6 +404,11 @@ def test_emulated_dense_flags_and_bit_patterns(emu, gen):
         v = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
         rows, w = [v.clone(), v.flip(0).clone()], torch.tensor([1.0, 0.5])
         _emu_check(emu, "dense", cases.gen_acc(gen, rows, w, v.numel(), "acc"), None, misalign=True)
+    K, P = 300, 517
+    rows = cases.gen_rows(gen, K, P, torch.bfloat16, zero_frac=0.5, nonfinite=(17, 299))
+    w = cases.gen_weights(gen, K, zero=(0, 150, 298))
+    cases.poison_zero_weight(rows, w)
+    _emu_check(emu, "dense", cases.gen_acc(gen, rows, w, P), None, misalign=True)
 
 
 @pytest.mark.parametrize("dtype", cases.DTYPES)
@@ -502,6 +454,58 @@ def test_emulated_compact(emu, gen, dtype):
             assert int(ref[0][2]) == 1
 
 
+@pytest.mark.parametrize("fdtype", [torch.float32, torch.float64, torch.int32, torch.int64])
+def test_emulated_frequency_update(emu, gen, fdtype):
+    # both nested paths: one block with the table in shared memory (N + 1 <= 12000) and the
+    # histogram + scan + gather in temporary memory; the mask path with and without word loads
+    for K, N in ((1, 1), (10, 400), (37, 1031), (5, 11_999), (3, 12_000), (7, 20_003), (4, 30_000)):
+        base = torch.randint(0, 1 << 20, (N,), generator=gen).to(fdtype)
+        if fdtype == torch.float32:
+            base = base * 33.3 + 16_777_216.0
+        if fdtype.is_floating_point and N > 2:
+            base[1] = -0.0
+        masks = torch.rand(K, N, generator=gen) < 0.4
+        rank = torch.randperm(N, generator=gen).to(torch.int32)
+        sizes = torch.randint(0, N + 1, (K,), generator=gen).to(torch.int32)
+        for form in ("masks", "nested"):
+            f_ref, f_emu = base.clone(), base.clone()
+            if form == "masks":
+                torch_ref.frequency_update(f_ref, masks, None, None)
+                emu.frequency_update(f_emu, masks, None, None)
+            else:
+                torch_ref.frequency_update(f_ref, None, rank, sizes)
+                emu.frequency_update(f_emu, None, rank, sizes)
+            assert cases.bits_equal_any(f_ref, f_emu), (form, K, N)
+
+
+@pytest.mark.parametrize("kdtype", [torch.float32, torch.float64, torch.int32, torch.int64])
+def test_emulated_stable_argsort(emu, gen, kdtype):
+    """Every planning path: one block (N <= 4096), arange, one and two counting passes, the
+    (emulated) CUB sort on 32- and 64-bit images, and the full-width plan under graph capture."""
+    for N in (1, 2, 400, 4096, 4097, 20_011):
+        kinds = ("equal", "ties", "freq", "wide", "random") + (("zeros",) if kdtype.is_floating_point else ())
+        for kind in kinds:
+            keys = cases.gen_sort_keys(gen, kind, N, kdtype)
+            got = emu.stable_argsort(keys)
+            assert torch.equal(got, torch_ref.stable_argsort(keys)), (kind, N)
+    keys = cases.gen_sort_keys(gen, "freq", 9000, kdtype)
+    emu.lib.emu_set_capturing(1)
+    try:
+        got = emu.stable_argsort(keys)
+    finally:
+        emu.lib.emu_set_capturing(0)
+    assert torch.equal(got, torch_ref.stable_argsort(keys))
+
+
+def test_emulated_nested_masks(emu, gen):
+    for S, N in ((1, 1), (50, 400), (7, 1031), (3, 12_000), (3, 12_001), (2, 20_011)):
+        order = torch.randperm(N, generator=gen)
+        sizes = torch.randint(0, N + 1, (S,), generator=gen)
+        sizes[0] = 0
+        sizes[-1] = N
+        assert torch.equal(emu.nested_masks(order, sizes), torch_ref.nested_masks(order, sizes)), (S, N)
+
+
 def _sortable(u: torch.Tensor, nbits: int) -> torch.Tensor:
     """uint64 images (held in int64) as int64 values with the same order."""
     return u ^ (-(2**63)) if nbits == 64 else u
@@ -509,7 +513,8 @@ def _sortable(u: torch.Tensor, nbits: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kdtype", [torch.float32, torch.float64, torch.int32, torch.int64])
 def test_emulated_sort_key_images(emu, gen, kdtype):
-    """Sorting by the planned key image (only its significant bits) gives torch's stable order."""
+    """Sorting by the planned key image (only its significant bits) gives torch's stable order, and
+    the plan compresses frequency-like keys to a few bits."""
     expect_bits = {"equal": 0, "ties": 3, "freq": 10}
     for kind in ("equal", "ties", "freq", "wide", "random", "zeros"):
         if kind == "zeros" and not kdtype.is_floating_point:

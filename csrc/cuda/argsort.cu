@@ -24,11 +24,13 @@
  *         keys with 32-bit index payloads, end_bit = number of significant bits.
  * N is limited to < 2^31 (32-bit index payloads).
  */
+#include <limits.h>
+
+#ifndef FK_HOST_EMU
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
-#include <cub/util_type.cuh>
-#include <limits.h>
+#endif
 
 #include <type_traits>
 
@@ -384,24 +386,24 @@ int counting_sort(const void* keys, int64_t* order, int64_t n, const Plan& plan,
   const int64_t nc = static_cast<int64_t>(kDigits) * L.T;
   const bool two = plan.nbits > 8;
   // pass 1: digits [0, 8) of the compressed key
-  tile_hist_kernel<KD, 0><<<grid, kTileThreads, 0, s>>>(keys, n, plan.mode, plan.lo, 0, L.T, counts);
+  launch(tile_hist_kernel<KD, 0>, grid, kTileThreads, 0, s, keys, n, plan.mode, plan.lo, 0, L.T, counts);
   FK_TRY(check_launch(who));
   FK_TRY(scan_u32(counts, offsets, nc, false, scan_tmp, s, who));
   if (!two) {
-    tile_scatter_kernel<KD, 0, 0><<<grid, kTileThreads, 0, s>>>(keys, nullptr, n, plan.mode, plan.lo, 0, L.T,
-                                                                counts, offsets, order, nullptr, nullptr);
+    launch(tile_scatter_kernel<KD, 0, 0>, grid, kTileThreads, 0, s, keys, nullptr, n, plan.mode, plan.lo, 0, L.T,
+           counts, offsets, order, nullptr, nullptr);
     return check_launch(who);
   }
-  tile_scatter_kernel<KD, 0, 1><<<grid, kTileThreads, 0, s>>>(keys, nullptr, n, plan.mode, plan.lo, 0, L.T,
-                                                              counts, offsets, nullptr, k16, idx);
+  launch(tile_scatter_kernel<KD, 0, 1>, grid, kTileThreads, 0, s, keys, nullptr, n, plan.mode, plan.lo, 0, L.T, counts,
+         offsets, nullptr, k16, idx);
   FK_TRY(check_launch(who));
   // pass 2: digits [8, 16) of the 16-bit keys written by pass 1 (independent of the key dtype,
   // so one instantiation serves all: KD is a placeholder there)
-  tile_hist_kernel<FK_KEY_I32, 1><<<grid, kTileThreads, 0, s>>>(k16, n, 0, 0, 8, L.T, counts);
+  launch(tile_hist_kernel<FK_KEY_I32, 1>, grid, kTileThreads, 0, s, k16, n, 0, 0, 8, L.T, counts);
   FK_TRY(check_launch(who));
   FK_TRY(scan_u32(counts, offsets, nc, false, scan_tmp, s, who));
-  tile_scatter_kernel<FK_KEY_I32, 1, 0><<<grid, kTileThreads, 0, s>>>(k16, idx, n, 0, 0, 8, L.T, counts, offsets,
-                                                                      order, nullptr, nullptr);
+  launch(tile_scatter_kernel<FK_KEY_I32, 1, 0>, grid, kTileThreads, 0, s, k16, idx, n, 0, 0, 8, L.T, counts, offsets,
+         order, nullptr, nullptr);
   return check_launch(who);
 }
 
@@ -414,19 +416,20 @@ int cub_sort(const void* keys, int64_t* order, int64_t n, const Plan& plan, char
   unsigned int* va = reinterpret_cast<unsigned int*>(ws + L.idxA);
   unsigned int* vb = reinterpret_cast<unsigned int*>(ws + L.idxB);
   const unsigned grid = static_cast<unsigned>(ceil_div(n, 256));
-  transform_kernel<KD, KeyT><<<grid, 256, 0, s>>>(static_cast<const typename KeyTraits<KD>::Raw*>(keys), n,
-                                                   plan.mode, plan.lo, ka, va);
+  launch(transform_kernel<KD, KeyT>, grid, 256, 0, s, static_cast<const typename KeyTraits<KD>::Raw*>(keys), n,
+         plan.mode, plan.lo, ka, va);
   FK_TRY(check_launch(who));
   cub::DoubleBuffer<KeyT> kbuf(ka, kb);
   cub::DoubleBuffer<unsigned int> vbuf(va, vb);
   size_t bytes = 0;
   cudaError_t e = cub::DeviceRadixSort::SortPairs(nullptr, bytes, kbuf, vbuf, static_cast<int>(n), 0, plan.nbits, s);
   if (e != cudaSuccess) return cuda_fail(e, "fk_cuda_stable_argsort: CUB workspace query");
-  if (bytes > L.cub_bytes) return fail(FK_EINVAL, "%s: CUB needs %zu temporary bytes, %zu reserved", who, bytes, L.cub_bytes);
+  if (bytes > L.cub_bytes)
+    return fail(FK_EINVAL, "%s: CUB needs %zu temporary bytes, %zu reserved", who, bytes, L.cub_bytes);
   bytes = L.cub_bytes;
   e = cub::DeviceRadixSort::SortPairs(ws + L.cub_tmp, bytes, kbuf, vbuf, static_cast<int>(n), 0, plan.nbits, s);
   if (e != cudaSuccess) return cuda_fail(e, "fk_cuda_stable_argsort: CUB SortPairs");
-  widen_kernel<<<grid, 256, 0, s>>>(vbuf.Current(), order, n);
+  launch(widen_kernel, grid, 256, 0, s, vbuf.Current(), order, n);
   return check_launch(who);
 }
 
@@ -442,8 +445,8 @@ int sort_large(const void* keys, int64_t* order, int64_t n, char* ws, const Layo
     if (e != cudaSuccess) return cuda_fail(e, "fk_cuda_stable_argsort: memset");
     const int64_t want = ceil_div(n, kRangeThreads * 8);
     const int64_t cap = 8LL * sm_count();
-    range_kernel<KD><<<static_cast<unsigned>(want < cap ? want : cap), kRangeThreads, 0, s>>>(
-        static_cast<const Raw*>(keys), n, acc);
+    launch(range_kernel<KD>, static_cast<unsigned>(want < cap ? want : cap), kRangeThreads, 0, s,
+           static_cast<const Raw*>(keys), n, acc);
     FK_TRY(check_launch(who));
     RangeAcc h;
     e = cudaMemcpyAsync(&h, acc, sizeof(RangeAcc), cudaMemcpyDeviceToHost, s);
@@ -452,7 +455,7 @@ int sort_large(const void* keys, int64_t* order, int64_t n, char* ws, const Layo
     plan = make_plan(h, KeyTraits<KD>::is_float, width);
   }
   if (plan.nbits == 0) {
-    arange_kernel<<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, s>>>(order, n);
+    launch(arange_kernel, static_cast<unsigned>(ceil_div(n, 256)), 256, 0, s, order, n);
     return check_launch(who);
   }
   if (plan.nbits <= 16) return counting_sort<KD>(keys, order, n, plan, ws, L, s);
@@ -463,8 +466,8 @@ int sort_large(const void* keys, int64_t* order, int64_t n, char* ws, const Layo
 
 template <int KD>
 int sort_small(const void* keys, int64_t* order, int64_t n, cudaStream_t s) {
-  small_sort_kernel<KD><<<1, kSmallThreads, 0, s>>>(static_cast<const typename KeyTraits<KD>::Raw*>(keys), order,
-                                                    static_cast<int>(n));
+  launch(small_sort_kernel<KD>, 1, kSmallThreads, 0, s, static_cast<const typename KeyTraits<KD>::Raw*>(keys), order,
+         static_cast<int>(n));
   return check_launch("fk_cuda_stable_argsort");
 }
 
@@ -475,7 +478,8 @@ extern "C" int fk_cuda_stable_argsort(const void* keys, int32_t key_dtype, int64
                                       void* workspace, size_t* workspace_bytes, void* stream) {
   using namespace fk;
   const char* who = "fk_cuda_stable_argsort";
-  if (key_dtype < FK_KEY_F32 || key_dtype > FK_KEY_I64) return fail(FK_EINVAL, "%s: unknown key dtype %d", who, (int)key_dtype);
+  if (key_dtype < FK_KEY_F32 || key_dtype > FK_KEY_I64)
+    return fail(FK_EINVAL, "%s: unknown key dtype %d", who, (int)key_dtype);
   if (N < 0 || N > 0x7fffffffLL) return fail(FK_EINVAL, "%s: N must be in [0, 2^31) (got %lld)", who, (long long)N);
   if (workspace_bytes == nullptr) return fail(FK_EINVAL, "%s: workspace_bytes is NULL", who);
   FK_TRY(enter(stream, who));

@@ -116,23 +116,20 @@ __global__ void __launch_bounds__(kAggThreads, 4)
   }
 }
 
-#ifndef FK_HOST_EMU  // launchers
 template <int DT>
 int launch_compact(const AggArgs& a, const fk_segment* segs, int64_t S, int64_t N, const int32_t* inv,
                    const int64_t* seg_off, const int64_t* seg_cols, cudaStream_t s) {
   unsigned grid = 0;
   FK_TRY(agg_grid(ceil_div(a.P, kCompactElems), &grid, "fk_cuda_compact"));
   if (a.P < 0x7fffffffLL)
-    compact_kernel<DT, true><<<grid, kAggThreads, 0, s>>>(a, segs, S, N, inv, seg_off, seg_cols);
+    launch(compact_kernel<DT, true>, grid, kAggThreads, 0, s, a, segs, S, N, inv, seg_off, seg_cols);
   else
-    compact_kernel<DT, false><<<grid, kAggThreads, 0, s>>>(a, segs, S, N, inv, seg_off, seg_cols);
+    launch(compact_kernel<DT, false>, grid, kAggThreads, 0, s, a, segs, S, N, inv, seg_off, seg_cols);
   return check_launch("fk_cuda_compact: kernel launch");
 }
-#endif  // FK_HOST_EMU (launchers)
 }  // namespace
 }  // namespace fk
 
-#ifndef FK_HOST_EMU  // host-emulation builds (tests) have no launches
 extern "C" int fk_cuda_compact(const fk_accum_args* args, const fk_segment* segs, int64_t S, int64_t N,
                                const int32_t* inv, const int64_t* seg_off, const int64_t* seg_cols,
                                void* stream) {
@@ -154,4 +151,3 @@ extern "C" int fk_cuda_compact(const fk_accum_args* args, const fk_segment* segs
     default: return launch_compact<FK_F16>(a, segs, S, N, inv, seg_off, seg_cols, s);
   }
 }
-#endif  // FK_HOST_EMU

@@ -81,12 +81,11 @@ __global__ void __launch_bounds__(kAggThreads)
   finish_contig<V>(a, p0, nv, num, den);
 }
 
-#ifndef FK_HOST_EMU  // launchers
 template <int DT, bool MASKS>
 int launch_dense(const AggArgs& a, const uint8_t* const* masks, cudaStream_t s) {
   unsigned grid = 0;
   FK_TRY(agg_grid(ceil_div(a.P, Vec<DT>::V), &grid, "fk_cuda_dense"));
-  dense_kernel<DT, MASKS><<<grid, kAggThreads, 0, s>>>(a, masks);
+  launch(dense_kernel<DT, MASKS>, grid, kAggThreads, 0, s, a, masks);
   return check_launch("fk_cuda_dense: kernel launch");
 }
 
@@ -95,11 +94,9 @@ int dispatch_dense(const AggArgs& a, const uint8_t* const* masks, cudaStream_t s
   if (masks != nullptr) return launch_dense<DT, true>(a, masks, s);
   return launch_dense<DT, false>(a, masks, s);
 }
-#endif  // FK_HOST_EMU (launchers)
 }  // namespace
 }  // namespace fk
 
-#ifndef FK_HOST_EMU  // host-emulation builds (tests) have no launches
 extern "C" int fk_cuda_dense(const fk_accum_args* args, const uint8_t* const* masks, void* stream) {
   using namespace fk;
   AggArgs a;
@@ -113,4 +110,3 @@ extern "C" int fk_cuda_dense(const fk_accum_args* args, const uint8_t* const* ma
     default: return dispatch_dense<FK_F16>(a, masks, s);
   }
 }
-#endif  // FK_HOST_EMU

@@ -1,5 +1,5 @@
 /*
- * fk_cuda_common.cuh -- host/device helpers shared by the CUDA back end (csrc/cuda/*.cu).
+ * fk_cuda_common.cuh -- host/device helpers shared by the CUDA back end (csrc/cuda/ (the .cu files)).
  *
  * Torch-free on purpose: CUDA runtime + CUB only. Everything here is internal to the _cuda
  * module (hidden visibility); the public surface is csrc/include/fedrac_kernels.h.
@@ -15,9 +15,31 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <utility>
+
 #include "fedrac_kernels.h"
 
+/* Dynamic shared memory of a kernel (a per-launch host buffer in the host emulation). */
+#ifdef FK_HOST_EMU
+#define FK_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(fk_emu_dynamic_smem())
+#else
+#define FK_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace fk {
+
+/* Every kernel launch of the back end goes through here: kernel<<<grid, block, smem, s>>>(args),
+ * or, in the host emulation (tests), the same kernel run by host threads. */
+template <typename... KArgs, typename... Args>
+inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                   Args&&... args) {
+#ifdef FK_HOST_EMU
+  (void)s;
+  fk_emu_launch(grid, block, smem, [&] { kernel(static_cast<KArgs>(args)...); });
+#else
+  kernel<<<grid, block, smem, s>>>(std::forward<Args>(args)...);
+#endif
+}
 
 /* ---- error reporting (thread-local message, see fk_last_error) ---------------------------- */
 

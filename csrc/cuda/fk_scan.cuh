@@ -8,9 +8,12 @@
 #ifndef FK_SCAN_CUH
 #define FK_SCAN_CUH
 
+#include <stdint.h>
+
+#ifndef FK_HOST_EMU
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <stdint.h>
+#endif
 
 #include "fk_cuda_common.cuh"
 
@@ -86,11 +89,11 @@ inline int scan_u32(const unsigned* in, unsigned* out, int64_t n, bool inclusive
   const int64_t nb = ceil_div(n, kScanChunk);
   if (nb > 0x7fffffffLL) return fail(FK_EINVAL, "%s: scan too large", who);
   unsigned* sums = static_cast<unsigned*>(tmp);
-  scan_chunk_sums_kernel<<<static_cast<unsigned>(nb), kScanThreads, 0, s>>>(in, n, sums);
+  launch(scan_chunk_sums_kernel, static_cast<unsigned>(nb), kScanThreads, 0, s, in, n, sums);
   FK_TRY(check_launch(who));
-  scan_sums_kernel<<<1, kScanThreads, 0, s>>>(sums, nb);
+  launch(scan_sums_kernel, 1, kScanThreads, 0, s, sums, nb);
   FK_TRY(check_launch(who));
-  scan_chunks_kernel<<<static_cast<unsigned>(nb), kScanThreads, 0, s>>>(in, out, n, sums, inclusive);
+  launch(scan_chunks_kernel, static_cast<unsigned>(nb), kScanThreads, 0, s, in, out, n, sums, inclusive);
   return check_launch(who);
 }
 

@@ -15,8 +15,11 @@
  * written. Small N: each block builds rank in shared memory (one launch); large N: rank in
  * temporary memory.
  */
-#include <cub/block/block_scan.cuh>
 #include <limits.h>
+
+#ifndef FK_HOST_EMU
+#include <cub/block/block_scan.cuh>
+#endif
 
 #include "fk_cuda_common.cuh"
 #include "fk_scan.cuh"
@@ -116,7 +119,7 @@ template <typename F>
 __global__ void __launch_bounds__(kSmallThreads)
     freq_nested_small_kernel(F* __restrict__ freq, const int32_t* __restrict__ rank,
                              const int32_t* __restrict__ sizes, int64_t K, int N) {
-  extern __shared__ int table[];  // N + 1 entries
+  FK_DYNAMIC_SMEM(int, table);  // N + 1 entries
   using Scan = cub::BlockScan<int, kSmallThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int carry;
@@ -162,12 +165,12 @@ int frequency_typed(F* freq, const uint8_t* masks, const int32_t* rank, const in
     const int64_t threads = ceil_div(N, 4);
     const int64_t blocks = ceil_div(threads, kFreqThreads);
     const bool words = (N % 4 == 0) && ((reinterpret_cast<uintptr_t>(masks) & 3) == 0);
-    freq_masks_kernel<F><<<static_cast<unsigned>(blocks), kFreqThreads, 0, s>>>(freq, masks, K, N, words);
+    launch(freq_masks_kernel<F>, static_cast<unsigned>(blocks), kFreqThreads, 0, s, freq, masks, K, N, words);
     return check_launch(who);
   }
   const int n = static_cast<int>(N);
   if (N + 1 <= kSmallTable) {
-    freq_nested_small_kernel<F><<<1, kSmallThreads, (N + 1) * sizeof(int), s>>>(freq, rank, sizes, K, n);
+    launch(freq_nested_small_kernel<F>, 1, kSmallThreads, (N + 1) * sizeof(int), s, freq, rank, sizes, K, n);
     return check_launch(who);
   }
   // large N: table in temporary memory
@@ -179,13 +182,13 @@ int frequency_typed(F* freq, const uint8_t* masks, const int32_t* rank, const in
   const cudaError_t e = cudaMemsetAsync(table, 0, static_cast<size_t>(N + 1) * sizeof(int), s);
   if (e != cudaSuccess) return cuda_fail(e, "fk_cuda_frequency_update: memset");
   if (K > 0) {
-    size_hist_kernel<<<static_cast<unsigned>(ceil_div(K, 256)), 256, 0, s>>>(table, sizes, K, n);
+    launch(size_hist_kernel, static_cast<unsigned>(ceil_div(K, 256)), 256, 0, s, table, sizes, K, n);
     FK_TRY(check_launch(who));
   }
   FK_TRY(scan_u32(reinterpret_cast<unsigned*>(table), reinterpret_cast<unsigned*>(table), N + 1, true,
                   scan_tmp, s, who));
-  freq_nested_apply_kernel<F><<<static_cast<unsigned>(ceil_div(N, kFreqThreads)), kFreqThreads, 0, s>>>(
-      freq, rank, table, K, n);
+  launch(freq_nested_apply_kernel<F>, static_cast<unsigned>(ceil_div(N, kFreqThreads)), kFreqThreads, 0, s, freq, rank,
+         table, K, n);
   return check_launch(who);
 }
 
@@ -198,7 +201,7 @@ __device__ __forceinline__ int64_t clamp_size64(int64_t v, int64_t N) { return v
 __global__ void __launch_bounds__(kMaskThreads)
     nested_masks_small_kernel(uint8_t* __restrict__ out, const int64_t* __restrict__ order,
                               const int64_t* __restrict__ sizes, int64_t S, int N) {
-  extern __shared__ int rank_s[];  // N entries
+  FK_DYNAMIC_SMEM(int, rank_s);  // N entries
   for (int n = threadIdx.x; n < N; n += kMaskThreads) rank_s[n] = INT_MAX;
   __syncthreads();
   for (int r = threadIdx.x; r < N; r += kMaskThreads) {
@@ -242,7 +245,8 @@ extern "C" int fk_cuda_frequency_update(void* freq, int32_t freq_dtype, const ui
   using namespace fk;
   const char* who = "fk_cuda_frequency_update";
   if (K < 0 || K > 0x7fffffffLL) return fail(FK_EINVAL, "%s: K must be in [0, 2^31) (got %lld)", who, (long long)K);
-  if (N < 0 || N >= 0x7fffffffLL) return fail(FK_EINVAL, "%s: N must be in [0, 2^31 - 1) (got %lld)", who, (long long)N);
+  if (N < 0 || N >= 0x7fffffffLL)
+    return fail(FK_EINVAL, "%s: N must be in [0, 2^31 - 1) (got %lld)", who, (long long)N);
   if (N > 0 && freq == nullptr) return fail(FK_EINVAL, "%s: freq is NULL", who);
   if ((masks != nullptr) == (rank != nullptr || sizes != nullptr))
     return fail(FK_EINVAL, "%s: give exactly one of masks or (rank, sizes)", who);
@@ -274,7 +278,8 @@ extern "C" int fk_cuda_nested_masks(uint8_t* out, const int64_t* order, const in
   if (N <= kSmallTable) {
     const int64_t cap = 4LL * sm_count();
     const unsigned grid = static_cast<unsigned>(S < cap ? S : cap);
-    nested_masks_small_kernel<<<grid, kMaskThreads, N * sizeof(int), s>>>(out, order, sizes, S, static_cast<int>(N));
+    launch(nested_masks_small_kernel, grid, kMaskThreads, N * sizeof(int), s, out, order, sizes, S,
+           static_cast<int>(N));
     return check_launch(who);
   }
   TempBuffer tmp;
@@ -282,10 +287,10 @@ extern "C" int fk_cuda_nested_masks(uint8_t* out, const int64_t* order, const in
   int32_t* rank = static_cast<int32_t*>(tmp.get());
   cudaError_t e = cudaMemsetAsync(rank, 0x7f, static_cast<size_t>(N) * sizeof(int32_t), s);  // "never"
   if (e != cudaSuccess) return cuda_fail(e, "fk_cuda_nested_masks: memset");
-  rank_scatter_kernel<<<static_cast<unsigned>(ceil_div(N, 256)), 256, 0, s>>>(rank, order, N);
+  launch(rank_scatter_kernel, static_cast<unsigned>(ceil_div(N, 256)), 256, 0, s, rank, order, N);
   FK_TRY(check_launch(who));
   const unsigned gy = static_cast<unsigned>(S < 65535 ? S : 65535);
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kMaskThreads)), gy);
-  nested_masks_large_kernel<<<grid, kMaskThreads, 0, s>>>(out, rank, sizes, S, N);
+  launch(nested_masks_large_kernel, grid, kMaskThreads, 0, s, out, rank, sizes, S, N);
   return check_launch(who);
 }

@@ -147,13 +147,12 @@ __global__ void __launch_bounds__(kAggThreads)
   finish_contig<V>(a, p0, nv, num, den);
 }
 
-#ifndef FK_HOST_EMU  // launchers
 template <int DT, bool NESTED, bool NONZERO>
 int launch_structured(const AggArgs& a, const fk_segment* segs, int64_t S, int64_t N,
                       const uint8_t* nm, const int32_t* rank, const int32_t* sizes, cudaStream_t s) {
   unsigned grid = 0;
   FK_TRY(agg_grid(ceil_div(a.P, kStructElems), &grid, "fk_cuda_structured"));
-  structured_kernel<DT, NESTED, NONZERO><<<grid, kAggThreads, 0, s>>>(a, segs, S, N, nm, rank, sizes);
+  launch(structured_kernel<DT, NESTED, NONZERO>, grid, kAggThreads, 0, s, a, segs, S, N, nm, rank, sizes);
   return check_launch("fk_cuda_structured: kernel launch");
 }
 
@@ -169,11 +168,9 @@ int dispatch_structured(const AggArgs& a, const fk_segment* segs, int64_t S, int
   if (nonzero) return launch_structured<DT, false, true>(a, segs, S, N, nm, rank, sizes, s);
   return launch_structured<DT, false, false>(a, segs, S, N, nm, rank, sizes, s);
 }
-#endif  // FK_HOST_EMU (launchers)
 }  // namespace
 }  // namespace fk
 
-#ifndef FK_HOST_EMU  // host-emulation builds (tests) have no launches
 extern "C" int fk_cuda_structured(const fk_accum_args* args, const fk_segment* segs, int64_t S,
                                   int64_t N, const uint8_t* neuron_masks, const int32_t* rank,
                                   const int32_t* sizes, int nonzero_rule, void* stream) {
@@ -197,4 +194,3 @@ extern "C" int fk_cuda_structured(const fk_accum_args* args, const fk_segment* s
     default: return dispatch_structured<FK_F16>(a, segs, S, N, neuron_masks, rank, sizes, nz, s);
   }
 }
-#endif  // FK_HOST_EMU

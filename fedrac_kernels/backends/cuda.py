@@ -105,8 +105,9 @@ def _contig(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> O
 
 
 def _check_device(device: torch.device, *ts) -> None:
-    for t in ts:
-        if t is not None and t.device != device:
+    idx = device.index
+    for t in ts:  # get_device(): an int, cheaper than building t.device for every row
+        if t is not None and t.get_device() != idx:
             raise ValueError(f"cuda back end: every tensor must be on {device}, got one on {t.device}")
 
 
