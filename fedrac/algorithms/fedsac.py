@@ -70,12 +70,12 @@ def mlp_ablation_importance(model, params: torch.Tensor, x: torch.Tensor, y: tor
     if n == 0:
         raise ValueError("x: no validation samples")
     rows = max(1, budget // max(1, H * H))
-    base = torch.zeros((), dtype=torch.float64)
-    drop1 = torch.zeros(H, dtype=torch.float64)
-    drop2 = torch.zeros(H, dtype=torch.float64)
+    dev = x.device
+    base = torch.zeros((), dtype=torch.float64, device=dev)
+    drop1 = torch.zeros(H, dtype=torch.float64, device=dev)
+    drop2 = torch.zeros(H, dtype=torch.float64, device=dev)
     for i in range(0, n, rows):
         xb, yb = x[i:i + rows], y[i:i + rows]
-        B = xb.shape[0]
         h1 = model.forward_shared(xb)                          # relu(fc1 x)   [B, H]
         z2 = torch.addmm(b2, h1, W2.t())                       # [B, H]
         h2 = z2.clamp_min(0)
@@ -88,9 +88,8 @@ def mlp_ablation_importance(model, params: torch.Tensor, x: torch.Tensor, y: tor
         # layer 2: logits with unit j removed
         l2 = logits.unsqueeze(1) - h2.unsqueeze(2) * W3.t().unsqueeze(0)   # [B, H, C]
         drop2 += _ce_sum(l2, yb)
-        del B
     base = base / n
-    return torch.cat([drop1 / n - base, drop2 / n - base])
+    return torch.cat([drop1 / n - base, drop2 / n - base]).cpu()
 
 
 def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -110,8 +109,8 @@ def explicit_ablation_importance(model, params: torch.Tensor, x: torch.Tensor, y
     N = model.num_neurons
     n = x.shape[0]
     dev = params.device
-    base = torch.zeros((), dtype=torch.float64)
-    out = torch.zeros(N, dtype=torch.float64)
+    base = torch.zeros((), dtype=torch.float64, device=dev)
+    out = torch.zeros(N, dtype=torch.float64, device=dev)
     for i in range(0, n, rows):
         xb, yb = x[i:i + rows], y[i:i + rows]
         B = xb.shape[0]
@@ -125,8 +124,8 @@ def explicit_ablation_importance(model, params: torch.Tensor, x: torch.Tensor, y
             hh = h.repeat((len(J),) + (1,) * (h.dim() - 1))
             logits = model.forward_rest(hh, mask).double()
             loss = F.cross_entropy(logits, yb.repeat(len(J)), reduction="none").view(len(J), B).sum(1)
-            out[j0:j0 + len(J)] += loss.cpu()
-    return out / n - base / n
+            out[j0:j0 + len(J)] += loss
+    return (out / n - base / n).cpu()
 
 
 def taylor_importance(model, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
