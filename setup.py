@@ -42,7 +42,30 @@ def _find_nvcc():
 
 
 def _cuda_root(nvcc):
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    """The CUDA toolkit root (include/, lib64/) of ``nvcc``, which may be a wrapper script."""
+    def ok(root):
+        return bool(root) and os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if ok(root):
+            return root
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if ok(guess):
+        return guess
+    try:  # ask nvcc itself: a dry run prints "#$ TOP=<root>/bin/.."
+        p = subprocess.run([nvcc, "--dryrun", "-c", "fedrac_probe.cu", "-o", os.devnull], capture_output=True,
+                           text=True, timeout=120)
+        for line in (p.stdout + p.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                top = os.path.realpath(line.split("=", 1)[1].strip())
+                if ok(top):
+                    return top
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for root in ("/usr/local/cuda", "/opt/cuda"):
+        if ok(root):
+            return root
+    return guess
 
 
 def _gencode():

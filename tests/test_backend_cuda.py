@@ -528,6 +528,19 @@ def test_structured_misaligned_views(gen, dtype):
 
 
 @needs_gpu
+def test_structured_many_clients(gen):
+    segs, N, P, _ = gen_layout(big=True)
+    K = 300
+    rows = gen_rows(gen, K, P, torch.bfloat16, zero_frac=0.3, nonfinite=(7, 299))
+    w = gen_weights(gen, K, zero=(0, 123))
+    poison_zero_weight(rows, w)
+    rank, sizes = gen_nested(gen, K, N)
+    nm = gen_neuron_masks(gen, K, N)
+    check("structured", gen_acc(gen, rows, w, P), segs, N, None, rank, sizes, True, misalign=True)
+    check("structured", gen_acc(gen, rows, w, P, "acc", True), segs, N, nm, None, None, False)
+
+
+@needs_gpu
 def test_structured_equals_dense_with_expanded_masks(gen):
     segs, N, P, _ = gen_layout(big=True)
     K = 4
@@ -567,6 +580,16 @@ def test_compact(gen, dtype):
         ref = check("compact", gen_acc(gen, vals, w, P, mode, init), segs, N, inv, seg_off, seg_cols)
         assert int(ref[0][2]) == 1
     check("compact", gen_acc(gen, vals, w, P), segs, N, inv, seg_off, seg_cols, misalign=True)
+
+
+@needs_gpu
+def test_compact_many_clients(gen):
+    K = 300
+    vals, inv, seg_off, seg_cols, segs, N, P, _ = gen_compact_case(gen, K, torch.float16, big=True, nan_client=11)
+    w = gen_weights(gen, K, zero=(3, 200))
+    poison_zero_weight(vals, w)
+    ref = check("compact", gen_acc(gen, vals, w, P, "acc", True), segs, N, inv, seg_off, seg_cols, misalign=True)
+    assert int(ref[0][11]) == 1
 
 
 @needs_gpu

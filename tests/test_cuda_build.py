@@ -429,6 +429,22 @@ def test_emulated_structured(emu, gen, dtype):
                     _emu_check(emu, "structured", acc, segs, N, None, rank, sizes, nonzero, misalign=misalign)
 
 
+def test_emulated_many_clients(emu, gen):
+    segs, N, P, _ = cases.gen_layout(big=True)
+    K = 300
+    rows = cases.gen_rows(gen, K, P, torch.bfloat16, zero_frac=0.3, nonfinite=(7, 299))
+    w = cases.gen_weights(gen, K, zero=(0, 123))
+    cases.poison_zero_weight(rows, w)
+    rank, sizes = cases.gen_nested(gen, K, N)
+    _emu_check(emu, "structured", cases.gen_acc(gen, rows, w, P), segs, N, None, rank, sizes, True, misalign=True)
+    vals, inv, seg_off, seg_cols, segs, N, P, _ = cases.gen_compact_case(gen, 40, torch.float16, nan_client=11)
+    w = cases.gen_weights(gen, 40, zero=(3,))
+    cases.poison_zero_weight(vals, w)
+    ref = _emu_check(emu, "compact", cases.gen_acc(gen, vals, w, P, "acc", True), segs, N, inv, seg_off, seg_cols,
+                     misalign=True)
+    assert int(ref[0][11]) == 1
+
+
 def test_emulated_structured_mlp(emu, gen):
     segs, N, P = cases.mlp_layout()
     K = 3
