@@ -257,12 +257,14 @@ def run_case(model, method, K, device, backend, repeats, seed, resnet_width, pha
         hand_name = "fjord_average (NumPy per width)"
 
     rows = []
-    res_ours = ours()
-    res_hand = hand()
-    if isinstance(res_hand, list):
-        res_hand = {k: torch.from_numpy(a) for k, a in zip(c["shapes"], res_hand)}
-    err = max(float((res_ours[k].double().cpu() - res_hand[k].double().cpu()).abs().max()) for k in c["shapes"])
-    del res_ours, res_hand
+    err = float("nan")
+    if phase == "time":   # (the memory phase measures ours before hand ever runs: allocator caches)
+        res_ours = ours()
+        res_hand = hand()
+        if isinstance(res_hand, list):
+            res_hand = {k: torch.from_numpy(a) for k, a in zip(c["shapes"], res_hand)}
+        err = max(float((res_ours[k].double().cpu() - res_hand[k].double().cpu()).abs().max()) for k in c["shapes"])
+        del res_ours, res_hand
     forms = [("ours", lambda: ours()), ("ours_assume_finite", lambda: ours("assume_finite")), ("hand", hand)]
     times = {}
     for name, fn in forms:
@@ -352,6 +354,22 @@ def main(argv=None):
     return rows
 
 
+def _strip(argv, opts) -> list:
+    """``argv`` without the options ``opts`` (``--opt value`` and ``--opt=value`` forms)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in opts:
+            skip = True
+            continue
+        if any(a.startswith(o + "=") for o in opts):
+            continue
+        out.append(a)
+    return out
+
+
 def _orchestrate(args, argv) -> list:
     """Run the timing phase, then (unless --no-memory) the memory phase, in child processes; merge.
 
@@ -368,7 +386,15 @@ def _orchestrate(args, argv) -> list:
         env_m = dict(env_t)
         if args.device == "cpu" and sys.platform.startswith("linux"):
             env_m["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        mem = _child(argv, "memory", env_m)["rows"]
+        mem = []
+        for model in args.models.split(","):        # one fresh process per case: no allocator caches
+            for K in args.K.split(","):
+                for method in args.methods.split(","):
+                    if f"{model}:{method}:{K}" in set(args.skip.split(",")):
+                        continue
+                    one = _strip(argv, ("--models", "--K", "--methods", "--out"))
+                    one += ["--models", model, "--K", K, "--methods", method]
+                    mem += _child(one, "memory", env_m)["rows"]
         key = lambda r: (r["model"], r["method"], r["K"], r["form"])  # noqa: E731
         live = {key(r): r["live_MB"] for r in mem}
         for r in rows:
