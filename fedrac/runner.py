@@ -194,37 +194,42 @@ class Simulation:
 
     def client_reward_metrics(self, rewards) -> dict:
         """The official logger's extra per-round work: every client's reward model on its own data
-        and on its holdout (data-weighted loss/accuracy, as flgo's train/valid metrics)."""
+        and on its holdout (data-weighted loss/accuracy, as flgo's train/valid metrics).
+
+        Each client's rows are evaluated in place (no concatenation), through the fused nested
+        evaluation for nested masks."""
         from .algorithms.base import AccuracyRewards, MaskRewards
-        from .evaluation import client_metrics, evaluate, nested_masks
+        from .evaluation import evaluate, masks_accuracy, nested_candidate_accuracy
 
         if isinstance(rewards, AccuracyRewards):
             return {}
-        sets = {"train": self._clients, "valid": self.client_holdouts()}
+        bs = self.eval_batch_size
         out: dict = {}
-        for name, data in sets.items():
-            if isinstance(rewards, MaskRewards):
-                masks = None
-                if rewards.order is not None:
-                    masks = nested_masks(rewards.order, rewards.sizes, self.N)
-                elif rewards.masks is not None:
-                    masks = rewards.masks
-                res = client_metrics(self.model, rewards.params, data, masks, batch_size=self.eval_batch_size)
-                loss, acc = res["loss"].tolist(), res["accuracy"].tolist()
-                wl, wa = res["weighted_loss"], res["weighted_accuracy"]
-            else:
-                masks = rewards.masks or [None] * self.K
-                loss, acc, n = [], [], []
-                for k, ((x, y), p, m) in enumerate(zip(data, rewards.params, masks)):
-                    e = evaluate(self.model, p, x, y, mask=m, batch_size=self.eval_batch_size)
-                    loss.append(e["loss"])
+        for name, data in (("train", self._clients), ("valid", self.client_holdouts())):
+            loss, acc, n = [], [], []
+            for k, (x, y) in enumerate(data):
+                if isinstance(rewards, MaskRewards):
+                    p = rewards.params
+                    if rewards.order is not None:
+                        a, l_ = nested_candidate_accuracy(self.model, p, x, y, rewards.order,
+                                                          [int(rewards.sizes[k])], batch_size=bs, return_loss=True)
+                    elif rewards.masks is not None:
+                        a, l_ = masks_accuracy(self.model, p, x, y, rewards.masks[k:k + 1], batch_size=bs,
+                                               return_loss=True)
+                    else:
+                        e = evaluate(self.model, p, x, y, batch_size=bs)
+                        a, l_ = [e["accuracy"]], [e["loss"]]
+                    acc.append(float(a[0]))
+                    loss.append(float(l_[0]))
+                else:
+                    m = rewards.masks[k] if rewards.masks is not None else None
+                    e = evaluate(self.model, rewards.params[k], x, y, mask=m, batch_size=bs)
                     acc.append(e["accuracy"])
-                    n.append(e["n"])
-                tot = sum(n)
-                wl = sum(a * b for a, b in zip(loss, n)) / tot
-                wa = sum(a * b for a, b in zip(acc, n)) / tot
-            out[f"{name}_loss"] = wl
-            out[f"{name}_accuracy"] = wa
+                    loss.append(e["loss"])
+                n.append(int(x.shape[0]))
+            tot = sum(n)
+            out[f"{name}_loss"] = sum(a * b for a, b in zip(loss, n)) / tot
+            out[f"{name}_accuracy"] = sum(a * b for a, b in zip(acc, n)) / tot
             out[f"client_{name}_accuracy"] = acc
         return out
 

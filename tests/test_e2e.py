@@ -88,6 +88,7 @@ def test_standalone_accuracies_are_cached(run_dir, capsys):
     ["--algorithm", "fedrac_no_reputation"],
     ["--algorithm", "fedrac_no_rolling", "--partition", "dir:3.0"],
     ["--partition", "cla", "--set", "local_steps=2"],
+    ["--set", "client_metrics=true"],
 ])
 def test_options_and_ablations_run(tmp_path, extra):
     clients = 12 if "12" in extra else 10
@@ -105,6 +106,10 @@ def test_options_and_ablations_run(tmp_path, extra):
         assert cfg[want[0]] == want[1]
     if "ordering=fixed" in extra[-1:]:
         assert all(r["submodel_size"] for r in recs)
+    if "client_metrics=true" in extra:
+        for r in recs:
+            assert all(finite(r[k]) for k in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy"))
+            assert len(r["client_train_accuracy"]) == len(r["client_valid_accuracy"]) == 10
 
 
 def test_tensorboard_logs(tmp_path):
