@@ -123,8 +123,9 @@ def _pointer_array(ptrs: list, device: torch.device, stream) -> torch.Tensor:
 
     Cached by the tuple of addresses (its content depends on nothing else, so a hit is always
     right, even for other tensors at the same addresses); a miss costs one pinned host tensor and a
-    non_blocking copy on ``stream``. A cached array used on another stream is recorded on it, so the
-    caching allocator never reuses its memory while that stream may still read it. While a CUDA
+    non_blocking copy on ``stream``. A cached array first used on another stream makes that stream
+    wait for the copy and is recorded on it, so the caching allocator never reuses its memory while
+    that stream may still read it. While a CUDA
     graph is being captured nothing is cached (the copy only runs at replay) and the arrays the
     graph reads (and the pinned source of its copy) are kept alive for the life of the process.
     """
@@ -133,9 +134,10 @@ def _pointer_array(ptrs: list, device: torch.device, stream) -> torch.Tensor:
     hit = _PTR_CACHE.get(key)
     if hit is not None:
         _PTR_CACHE.move_to_end(key)
-        arr, streams = hit
+        arr, ready, streams = hit
         sid = stream.cuda_stream
-        if sid not in streams:
+        if sid not in streams:  # first use on this stream: after the copy, and kept alive for it
+            stream.wait_event(ready)
             arr.record_stream(stream)
             streams.add(sid)
         if capturing:
@@ -146,7 +148,9 @@ def _pointer_array(ptrs: list, device: torch.device, stream) -> torch.Tensor:
     if capturing:
         _GRAPH_KEEP.extend((host, arr))
     elif len(ptrs) <= _PTR_CACHE_MAX_K:
-        _PTR_CACHE[key] = [arr, {stream.cuda_stream}]
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        _PTR_CACHE[key] = [arr, ready, {stream.cuda_stream}]
         while len(_PTR_CACHE) > _PTR_CACHE_MAX:
             _PTR_CACHE.popitem(last=False)
     return arr
