@@ -485,10 +485,12 @@ extern "C" int fk_cuda_stable_argsort(const void* keys, int32_t key_dtype, int64
   FK_TRY(enter(stream, who));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   Layout L{};
-  size_t need = 256;  // never 0, so the second call always passes a real buffer
+  // never 0 (the second call always passes a real buffer); 256 bytes of slack let the layout start
+  // at a 256-byte aligned address whatever the buffer's alignment
+  size_t need = 256;
   if (N > kSmallN) {
     FK_TRY(make_layout(key_dtype, N, s, &L));
-    if (L.total > need) need = L.total;
+    need = L.total + 256;
   }
   if (workspace == nullptr) {
     *workspace_bytes = need;
@@ -498,9 +500,7 @@ extern "C" int fk_cuda_stable_argsort(const void* keys, int32_t key_dtype, int64
     return fail(FK_EINVAL, "%s: workspace of %zu bytes, %zu needed", who, *workspace_bytes, need);
   if (N == 0) return FK_OK;
   if (keys == nullptr || order == nullptr) return fail(FK_EINVAL, "%s: keys and order are required", who);
-  if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
-    return fail(FK_EINVAL, "%s: workspace must be 256-byte aligned", who);
-  char* ws = static_cast<char*>(workspace);
+  char* ws = reinterpret_cast<char*>(align_up(reinterpret_cast<uintptr_t>(workspace), 256));
   if (N <= kSmallN) {
     switch (key_dtype) {
       case FK_KEY_F32: return sort_small<FK_KEY_F32>(keys, order, N, s);
