@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every configuration key with its default")
     k.add_argument("--algorithm", "-a", help="only the core keys and this algorithm's options")
     sub.add_parser("algorithms", help="list the registered algorithms")
+    from .compare import add_subcommands  # `fedrac compare` and `fedrac reproduce`
+
+    add_subcommands(sub)
     return p
 
 
@@ -225,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _keys(args)
         if args.command == "algorithms":
             return _algorithms_cmd(args)
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         return _run(args)
     except _usage_errors() as e:
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -61,6 +61,9 @@ def fairness(s, theta) -> float:
     s, theta = _pair(s, theta)
     if s.numel() < 2:
         return math.nan
+    # Test constancy exactly: the centred sums below can round to a tiny non-zero value.
+    if bool(s.max() == s.min()) or bool(theta.max() == theta.min()):
+        return math.nan
     ds, dt = s - s.mean(), theta - theta.mean()
     ss, st = float((ds * ds).sum()), float((dt * dt).sum())
     if ss == 0.0 or st == 0.0:

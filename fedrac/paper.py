@@ -48,6 +48,9 @@ DISPLAY = {
     "aequa": "Aequa-style",
     "fedpw": "FedPW (CF protocol)",
     "fedpw_plain": "FedPW (global model)",
+    "heterofl": "HeteroFL",
+    "fedrolex": "FedRolex",
+    "fjord": "FjORD",
 }
 
 #: Methods of Tables 1-3 in the paper's row order (Standalone only in Table 2).

@@ -236,17 +236,3 @@ class FedRAC(MaskedAlgorithm):
         rank[self.rank_order] = torch.arange(self.sim.K)
         return {"c_hat": [round(v, 3) for v in self.c_hat.tolist()], "rank": rank.tolist(),
                 **super().client_columns()}
-
-
-@register("fedrac_no_reputation", aliases=("fedrac-wo-reputation",))
-class FedRACNoReputation(FedRAC):
-    """Ablation "w/o reputation" (§4.14): constant ``al = constant_al`` (0.4)."""
-
-    options = {"reputation": Option("constant_al", "str", "see fedrac", choices=("dynamic", "constant_al", "static"))}
-
-
-@register("fedrac_no_rolling", aliases=("fedrac-wo-allocation", "fedrac_no_allocation"))
-class FedRACNoRolling(FedRAC):
-    """Ablation "w/o allocation" (§4.14): fixed neuron order (identity) instead of frequencies."""
-
-    options = {"ordering": Option("fixed", "str", "see fedrac", choices=("frequency", "fixed", "importance"))}

@@ -24,7 +24,7 @@ REPUTATIONS = ("dynamic", "constant_al", "static")
 ORDERINGS = ("frequency", "fixed", "importance")
 
 
-@register("fedrac_wo_reputation")
+@register("fedrac_wo_reputation", aliases=("fedrac_no_reputation", "fedrac-wo-reputation"))
 class FedRACWithoutReputation(FedRAC):
     """FedRAC w/o reputation (Tables 4-9, §4.14): constant al = 0.4 instead of the al schedule."""
 
@@ -36,7 +36,7 @@ class FedRACWithoutReputation(FedRAC):
     }
 
 
-@register("fedrac_wo_allocation")
+@register("fedrac_wo_allocation", aliases=("fedrac_no_rolling", "fedrac_no_allocation", "fedrac-wo-allocation"))
 class FedRACWithoutAllocation(FedRAC):
     """FedRAC w/o allocation (Tables 4-9, §4.14): fixed neuron order instead of the rolling frequency order."""
 
