@@ -127,7 +127,7 @@ def run_both(fn_name, acc, *args):
 # ----------------------------------------------------------------------------------------- dense
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,P", [(1, 1), (1, 257), (3, 997), (7, 4099), (6, 30011)])
+@pytest.mark.parametrize("K,P", [(1, 1), (1, 257), (3, 997), (7, 4099), (17, 2053), (6, 40009)])
 def test_dense_nonzero_rule(isa, gen, dtype, K, P):
     rows = rand_rows(gen, K, P, dtype)
     w = rand_weights(gen, K)
@@ -238,24 +238,24 @@ def test_dense_multithreaded_equals_single_thread(gen):
 def make_layout():
     """Segments (offset, rows, cols, inner, out_off, in_off) covering every tile path.
 
-    Sites: A (13 neurons), B (11), C (7), D (257). Includes a 1-D segment, an ungated segment, a conv
+    Sites: A (13 neurons), B (11), C (7), D (1831). Includes a 1-D segment, an ungated segment, a conv
     segment (inner = 9), a gated segment with short rows (cols < 64), rows longer than one tile
     (ungated cols and gated conv cols whose chunks split a column), and an in-only gated one.
     """
     A, B, C, D = 0, 13, 24, 31
-    N = 31 + 257
+    N = 31 + 1831
     spec = [
         (13, 37, 1, A, -1),      # linear: out A, input ungated
         (13, 1, 1, A, -1),       # its bias (1-D)
         (11, 13, 9, B, A),       # conv 3x3: out B, in A
         (11, 1, 1, B, -1),       # GN weight (1-D)
         (7, 11, 1, C, B),        # linear gated both sides, short rows (packed gates)
-        (3, 2111, 1, -1, -1),    # ungated, rows longer than a tile
-        (5, 257, 9, -1, D),      # gated conv rows longer than a tile (chunks split a column)
+        (2, 16411, 1, -1, -1),   # ungated, rows longer than a tile (16384 elements)
+        (3, 1831, 9, -1, D),     # gated conv rows longer than a tile (chunks split a column)
         (7, 3, 1, C, -1),        # short ungated rows
         (3, 11, 1, -1, B),       # head: in B only
         (3, 1, 1, -1, -1),       # head bias, ungated
-        (257, 1, 1, D, -1),      # long 1-D gated vector
+        (1831, 1, 1, D, -1),     # long 1-D gated vector
     ]
     segs, off = [], 0
     for rows, cols, inner, oo, io in spec:
@@ -405,7 +405,7 @@ def pack_compact(segs, N, delta, kept_lists, sites, dtype, skip_segments=()):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_compact(isa, gen, dtype):
     segs, N, P = make_layout()
-    sites = [(0, 13), (13, 11), (24, 7), (31, 257)]
+    sites = [(0, 13), (13, 11), (24, 7), (31, 1831)]
     K = 5
     vals, invs, offs, cols = [], [], [], []
     w = rand_weights(gen, K, zero=(3,))
@@ -441,7 +441,7 @@ def test_compact(isa, gen, dtype):
 
 def test_compact_equals_structured(gen):
     segs, N, P = make_layout()
-    sites = [(0, 13), (13, 11), (24, 7), (31, 257)]
+    sites = [(0, 13), (13, 11), (24, 7), (31, 1831)]
     K = 4
     nm = rand_neuron_masks(gen, K, N)
     vals, invs, offs, cols, dense_rows = [], [], [], [], []

@@ -24,9 +24,10 @@
 namespace fkcpu {
 namespace {
 
-constexpr int64_t kTile = 2048;           // elements per tile: num + den + vbuf + gate = 26 KB
+constexpr int64_t kTile = 16384;          // elements per tile: num + den + vbuf + gate = 208 KB (L2)
 constexpr int64_t kMinWork = 1 << 16;     // element-client updates per extra thread
 constexpr int64_t kPackedRowsBelow = 64;  // gated rows shorter than this share one gate buffer
+constexpr int64_t kMultiGroup = 8;        // clients per pass of the multi-client kernel
 int64_t g_gate_table_limit = int64_t(64) << 20;
 
 /* Per-thread tile buffers, 64-byte aligned. */
@@ -414,27 +415,35 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
 
     // dynamic: on a shared machine a descheduled thread must not hold half of the work
     parallel_region(nt, [&] {
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         Scratch& sc = scratch.mine();
         const int64_t e0 = t * kTile, n = std::min(kTile, P - e0);
         c.tile(sc, e0, n, [&](int track) {
-          // up to 4 clients per pass over the tile (still added in order); with explicit masks,
-          // a client's all-zero 64-element mask chunks skip its values
-          for (int64_t q = 0; q < nl; q += 4) {
-            const int G = (int)std::min<int64_t>(4, nl - q);
-            const void* v[4];
-            const uint8_t* m[4];
-            float w[4];
+          // clients in groups (in order): several streams at once, num/den touched once per group;
+          // with explicit masks, a client's all-zero 64-element mask chunks skip its values
+          const bool multi = !track && c.kern->accum_multi;
+          const int64_t gmax = multi ? kMultiGroup : 4;
+          const int64_t ngroups = (nl + gmax - 1) / gmax;
+          for (int64_t q = 0, gi = 0; gi < ngroups; ++gi) {
+            const int G = (int)((nl - q + (ngroups - gi) - 1) / (ngroups - gi));  // balanced sizes
+            const void* v[kMultiGroup];
+            const uint8_t* m[kMultiGroup];
+            float w[kMultiGroup];
             for (int i = 0; i < G; ++i) {
               const int64_t k = live[q + i];
               v[i] = c.row(k, e0);
               m[i] = masks ? masks[k] + e0 : nullptr;
               w[i] = a->weights[k];
             }
-            const uint32_t bad = c.kern->accum_group(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, track);
-            for (int i = 0; i < G; ++i)
-              if (bad >> i & 1u) c.flag(live[q + i]);
+            if (multi) {
+              c.kern->accum_multi(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G);
+            } else {
+              const uint32_t bad = c.kern->accum_group(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, track);
+              for (int i = 0; i < G; ++i)
+                if (bad >> i & 1u) c.flag(live[q + i]);
+            }
+            q += G;
           }
         });
       }

@@ -68,6 +68,10 @@ typedef uint32_t (*accum_fn)(float* num, float* den, const void* v, int dtype, c
 typedef uint32_t (*accum_group_fn)(float* num, float* den, const void* const* v, int dtype,
                                    const uint8_t* const* gates, const float* w, int64_t n, int G,
                                    int track);
+/* Any number of clients (G >= 1) at once, added in order, without non-finite tracking: same
+ * meaning as accum_group (gates == NULL: non-zero rule). Only the AVX-512 level has one. */
+typedef void (*accum_multi_fn)(float* num, float* den, const void* const* v, int dtype,
+                               const uint8_t* const* gates, const float* w, int64_t n, int G);
 /* 1 iff some x[j] is inf or nan */
 typedef int (*any_nonfinite_fn)(const float* x, int64_t n);
 /* out[j] = den[j] > 0 ? g[j] + num[j] / den[j] : g[j]   (out may equal g) */
@@ -78,10 +82,15 @@ typedef void (*widen_fn)(float* dst, const void* src, int dtype, int64_t n);
 struct SpanKernels {
   accum_fn accum;
   accum_group_fn accum_group;
+  accum_multi_fn accum_multi;  // NULL where the level has none
   any_nonfinite_fn any_nonfinite;
   finalize_fn finalize;
   widen_fn widen;
 };
+#if defined(__x86_64__)
+void accum_multi_avx512(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
+                        const float* w, int64_t n, int G);
+#endif
 const SpanKernels& span_kernels();  // for the active level
 const SpanKernels& span_kernels_for(Isa level);
 

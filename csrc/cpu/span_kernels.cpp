@@ -305,11 +305,11 @@ FK_DEFINE_LEVEL(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512d
 }  // namespace
 
 const SpanKernels& span_kernels_for(Isa level) {
-#define FK_TABLE(NAME) {accum_##NAME, accum_group_##NAME, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
-  static const SpanKernels base = FK_TABLE(base);
+#define FK_TABLE(NAME, MULTI) {accum_##NAME, accum_group_##NAME, MULTI, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
+  static const SpanKernels base = FK_TABLE(base, nullptr);
 #if defined(__x86_64__)
-  static const SpanKernels avx2 = FK_TABLE(avx2);
-  static const SpanKernels avx512 = FK_TABLE(avx512);
+  static const SpanKernels avx2 = FK_TABLE(avx2, nullptr);
+  static const SpanKernels avx512 = FK_TABLE(avx512, accum_multi_avx512);
   if (level >= ISA_AVX512) return avx512;
   if (level == ISA_AVX2) return avx2;
 #endif
