@@ -28,6 +28,7 @@ constexpr int64_t kTile = 16384;          // elements per tile: num + den + vbuf
 constexpr int64_t kMinWork = 1 << 16;     // element-client updates per extra thread
 constexpr int64_t kPackedRowsBelow = 64;  // gated rows shorter than this share one gate buffer
 constexpr int64_t kMultiGroup = 8;        // clients per pass of the multi-client kernel
+constexpr int64_t kMultiMinRow = 256;     // structured rows at least this long use it
 int64_t g_gate_table_limit = int64_t(64) << 20;
 
 /* Per-thread tile buffers, 64-byte aligned. */
@@ -257,6 +258,10 @@ struct Structured {
   void clients(const Tile& tl, int64_t e0, Scratch& sc, int track) const {
     const fk_segment& g = segs[tl.seg];
     const int64_t L = g.cols * g.inner, W = tl.j1 - tl.j0, R = tl.o1 - tl.o0;
+    if (!track && c.kern->accum_multi && W >= kMultiMinRow && (use_table || g.in_off < 0)) {
+      clients_multi(tl, e0, sc);
+      return;
+    }
     const int dt = c.a->dtype;
     for (int64_t li = 0; li < nl; ++li) {
       const uint8_t st = gin_state[tl.seg * nl + li];
@@ -302,6 +307,47 @@ struct Structured {
       if (bad) c.flag(k);
     }
   }
+
+  /* Long rows with the multi-client kernel: per row, the clients whose row gate is on, in order
+   * and in groups, each with its column gate (the all-ones row where it has none). */
+  void clients_multi(const Tile& tl, int64_t e0, Scratch& sc) const {
+    const fk_segment& g = segs[tl.seg];
+    const int64_t L = g.cols * g.inner, W = tl.j1 - tl.j0, R = tl.o1 - tl.o0;
+    const size_t rowbytes = (size_t)L * c.es;
+    const void* v[kMultiGroup];
+    const uint8_t* m[kMultiGroup];
+    float w[kMultiGroup];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t o = tl.o0 + r;
+      bool gated = false;
+      int G = 0;
+      auto flush = [&] {
+        if (G) c.kern->accum_multi(sc.num + r * W, sc.den + r * W, v, c.a->dtype, gated ? m : nullptr, w, W, G, nonzero);
+        G = 0;
+        gated = false;
+      };
+      for (int64_t li = 0; li < nl; ++li) {
+        const uint8_t st = gin_state[tl.seg * nl + li];
+        const int64_t k = c.live[li];
+        if (st == GIN_OFF || !row_on(g, k, o)) continue;
+        v[G] = c.row(k, e0) + r * rowbytes;
+        w[G] = c.a->weights[k];
+        if (st == GIN_MIXED) {
+          m[G] = table.data() + tab_base[tl.seg] + li * L + tl.j0;
+          gated = true;
+        } else {
+          m[G] = ones();
+        }
+        if (++G == kMultiGroup) flush();
+      }
+      flush();
+    }
+  }
+
+  static const uint8_t* ones() {
+    static const std::vector<uint8_t> buf((size_t)kTile, 1);
+    return buf.data();
+  }
 };
 
 /* ---- compact -------------------------------------------------------------------------------- */
@@ -341,10 +387,41 @@ struct Compact {
     }
   }
 
+  /* Long ungated-column rows with the multi-client kernel: per row, the clients that sent it. */
+  void clients_multi(const Tile& tl, Scratch& sc) const {
+    const int64_t s = tl.seg;
+    const fk_segment& g = segs[s];
+    const int64_t W = tl.j1 - tl.j0, R = tl.o1 - tl.o0;
+    const void* v[kMultiGroup];
+    float w[kMultiGroup];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t o = tl.o0 + r;
+      int G = 0;
+      auto flush = [&] {
+        if (G) c.kern->accum_multi(sc.num + r * W, sc.den + r * W, v, c.a->dtype, nullptr, w, W, G, 0);
+        G = 0;
+      };
+      for (int64_t k : c.live) {
+        const int64_t so = seg_off[k * S + s];
+        if (so < 0) continue;
+        const int64_t po = g.out_off >= 0 ? (int64_t)inv[k * N + g.out_off + o] : o;
+        if (po < 0) continue;
+        v[G] = c.row(k, so + po * seg_cols[k * S + s] * g.inner + tl.j0);
+        w[G] = c.a->weights[k];
+        if (++G == kMultiGroup) flush();
+      }
+      flush();
+    }
+  }
+
   void clients(const Tile& tl, Scratch& sc, int track) const {
     const int64_t s = tl.seg;
     const fk_segment& g = segs[s];
     const int64_t L = g.cols * g.inner, W = tl.j1 - tl.j0, R = tl.o1 - tl.o0;
+    if (!track && c.kern->accum_multi && g.in_off < 0 && W >= kMultiMinRow) {
+      clients_multi(tl, sc);
+      return;
+    }
     for (int64_t k : c.live) {
       const int64_t so = seg_off[k * S + s];
       if (so < 0) continue;
@@ -437,7 +514,7 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
               w[i] = a->weights[k];
             }
             if (multi) {
-              c.kern->accum_multi(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G);
+              c.kern->accum_multi(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, masks ? 0 : 1);
             } else {
               const uint32_t bad = c.kern->accum_group(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, track);
               for (int i = 0; i < G; ++i)

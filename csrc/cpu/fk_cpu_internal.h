@@ -68,10 +68,11 @@ typedef uint32_t (*accum_fn)(float* num, float* den, const void* v, int dtype, c
 typedef uint32_t (*accum_group_fn)(float* num, float* den, const void* const* v, int dtype,
                                    const uint8_t* const* gates, const float* w, int64_t n, int G,
                                    int track);
-/* Any number of clients (G >= 1) at once, added in order, without non-finite tracking: same
- * meaning as accum_group (gates == NULL: non-zero rule). Only the AVX-512 level has one. */
+/* Any number of clients (G >= 1) at once, added in order, without non-finite tracking: client c
+ * is active where (gates == NULL || gates[c][j] != 0) && (!nonzero || x != 0); a client's
+ * all-zero 64-element gate chunks are not read. Only the AVX-512 level has one. */
 typedef void (*accum_multi_fn)(float* num, float* den, const void* const* v, int dtype,
-                               const uint8_t* const* gates, const float* w, int64_t n, int G);
+                               const uint8_t* const* gates, const float* w, int64_t n, int G, int nonzero);
 /* 1 iff some x[j] is inf or nan */
 typedef int (*any_nonfinite_fn)(const float* x, int64_t n);
 /* out[j] = den[j] > 0 ? g[j] + num[j] / den[j] : g[j]   (out may equal g) */
@@ -89,7 +90,7 @@ struct SpanKernels {
 };
 #if defined(__x86_64__)
 void accum_multi_avx512(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
-                        const float* w, int64_t n, int G);
+                        const float* w, int64_t n, int G, int nonzero);
 #endif
 const SpanKernels& span_kernels();  // for the active level
 const SpanKernels& span_kernels_for(Isa level);
