@@ -262,7 +262,7 @@ def make_layout():
         (2, 16411, 1, -1, -1),   # ungated, rows longer than a tile (16384 elements)
         (3, 1831, 9, -1, D),     # gated conv rows longer than a tile (chunks split a column)
         (7, 3, 1, C, -1),        # short ungated rows
-        (5, 301, 1, C, -1),      # long rows, out gated only
+        (7, 301, 1, C, -1),      # long rows, out gated only
         (3, 11, 1, -1, B),       # head: in B only
         (3, 1, 1, -1, -1),       # head bias, ungated
         (1831, 1, 1, D, -1),     # long 1-D gated vector
