@@ -27,7 +27,7 @@ namespace {
 constexpr int64_t kTile = 16384;          // elements per tile: num + den + vbuf + gate = 208 KB (L2)
 constexpr int64_t kMinWork = 1 << 16;     // element-client updates per extra thread
 constexpr int64_t kPackedRowsBelow = 64;  // gated rows shorter than this share one gate buffer
-constexpr int64_t kMultiGroup = 8;        // clients per pass of the multi-client kernel
+constexpr int64_t kMultiGroup = 10;       // clients per pass of the multi-client kernel
 constexpr int64_t kMultiMinRow = 256;     // structured rows at least this long use it
 int64_t g_gate_table_limit = int64_t(64) << 20;
 
