@@ -184,30 +184,41 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
     timings = common.measure_round_robin(variants, device=device, warmup=args.warmup, reps=args.reps,
                                          max_time=args.max_time, seed=args.seed)
     copy_gbps = common.gbps(probe.nbytes, timings["copy"]["median"])
-    t_a = timings.get("(a) official", {}).get("median")
-    t_b = timings.get("(b) stacked", {}).get("median")
-    t_c = timings.get("(b') compiled", {}).get("median")
+    for t in timings.values():
+        if "thread_cpu" in t:
+            t["thread_cpu"]["times"] = t.pop("thread_cpu_times")
     print(f"  copy ceiling: {copy_gbps:.1f} GB/s ({common.fmt_time(timings['copy']['median'])} for "
           f"{probe.nbytes / 1e6:.1f} MB of traffic)")
-    print(f"  {'variant':<28}{'median':>11}{'p10':>11}{'p90':>11}{'GB/s':>8}{'%copy':>7}"
-          f"{'vs (a)':>9}{'vs (b)':>8}{'vs (b`)':>8}")
     records = []
-    for vname, t in timings.items():
-        med = t["median"]
-        rate = common.gbps(dense_bytes, med) if vname != "copy" else copy_gbps
-        frac = rate / copy_gbps if copy_gbps else float("nan")
-        ra = t_a / med if t_a else float("nan")
-        rb = t_b / med if t_b else float("nan")
-        rc = t_c / med if t_c else float("nan")
-        print(f"  {vname:<28}{common.fmt_time(med):>11}{common.fmt_time(t['p10']):>11}{common.fmt_time(t['p90']):>11}"
-              f"{rate:>8.1f}{100 * frac:>6.0f}%{ra:>8.1f}x{rb:>7.2f}x{rc:>7.2f}x")
-        be = vname[5:-1].split(",")[0] if vname.startswith("ours[") else None
-        records.append({"case": name, "variant": vname, "K": K, "P": P, "dtype": args.dtype,
-                        "device": str(device), "bytes_model": dense_bytes, "median_s": med, "p10_s": t["p10"],
-                        "p90_s": t["p90"], "n": t["n"], "gbps": rate, "copy_gbps": copy_gbps, "frac_copy": frac,
-                        "speedup_vs_a": ra, "speedup_vs_b": rb, "speedup_vs_b_compiled": rc,
-                        "check": checks.get(be) if be else checks.get("(a)") if vname == "(a) official" else None,
-                        "times": t["times"]})
+    tables = [("wall", lambda t: t)]
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        tables.append(("thread CPU (excludes time descheduled; 1 thread)", lambda t: t["thread_cpu"]))
+    for title, pick in tables:
+        tt = {k: pick(v) for k, v in timings.items()}
+        t_a = tt.get("(a) official", {}).get("median")
+        t_b = tt.get("(b) stacked", {}).get("median")
+        t_c = tt.get("(b') compiled", {}).get("median")
+        copy_gbps = common.gbps(probe.nbytes, tt["copy"]["median"])
+        print(f"  [{title}]")
+        print(f"  {'variant':<28}{'median':>11}{'p10':>11}{'p90':>11}{'GB/s':>8}{'%copy':>7}"
+              f"{'vs (a)':>9}{'vs (b)':>8}{'vs (b`)':>8}")
+        for vname, t in tt.items():
+            med = t["median"]
+            rate = common.gbps(dense_bytes, med) if vname != "copy" else copy_gbps
+            frac = rate / copy_gbps if copy_gbps else float("nan")
+            ra = t_a / med if t_a else float("nan")
+            rb = t_b / med if t_b else float("nan")
+            rc = t_c / med if t_c else float("nan")
+            print(f"  {vname:<28}{common.fmt_time(med):>11}{common.fmt_time(t['p10']):>11}"
+                  f"{common.fmt_time(t['p90']):>11}{rate:>8.1f}{100 * frac:>6.0f}%{ra:>8.1f}x{rb:>7.2f}x{rc:>7.2f}x")
+            be = vname[5:-1].split(",")[0] if vname.startswith("ours[") else None
+            records.append({"case": name, "variant": vname, "clock": "wall" if title == "wall" else "thread_cpu",
+                            "K": K, "P": P, "dtype": args.dtype, "device": str(device),
+                            "threads": torch.get_num_threads(), "bytes_model": dense_bytes, "median_s": med,
+                            "p10_s": t["p10"], "p90_s": t["p90"], "n": t["n"], "gbps": rate, "copy_gbps": copy_gbps,
+                            "frac_copy": frac, "speedup_vs_a": ra, "speedup_vs_b": rb, "speedup_vs_b_compiled": rc,
+                            "check": checks.get(be) if be else checks.get("(a)") if vname == "(a) official" else None,
+                            "times": t.get("times", t.get("thread_cpu_times"))})
     for vname, why in notes.items():
         records.append({"case": name, "variant": vname, "K": K, "P": P, "dtype": args.dtype,
                         "device": str(device), "skipped": why})

@@ -4,7 +4,8 @@ FedRAC sorts its neuron-frequency table every round (ascending, ties by lower in
 For each N this times, round-robin in one process:
 
 * ``ours[<backend>]``: :func:`fedrac_kernels.lowest_frequency_order` (public API: value checks and
-  dispatch included) for each requested back end;
+  dispatch included) for each requested back end, and ``backend[<backend>]``: the back end's
+  ``stable_argsort`` called directly (what the API adds is the difference);
 * ``torch.sort``: ``torch.sort(freq, stable=True).indices`` (the same int64 result);
 
 on two key distributions: ``freq`` (float32 counts 0..R*K, heavy ties: what FedRAC sorts) and
@@ -32,6 +33,7 @@ if os.path.dirname(HERE) not in sys.path:
 from benchmarks import common  # noqa: E402
 
 import fedrac_kernels as fk  # noqa: E402
+from fedrac_kernels.backends import get_backend  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,8 +85,9 @@ def main(argv=None) -> int:
           f"commit {meta['commit']}, load {meta.get('loadavg')}")
     if meta["busy_processes"]:
         print(f"note: other busy processes: {meta['busy_processes']}")
-    print(f"{'keys':<7}{'N':>11}  {'variant':<16}{'median':>11}{'p10':>11}{'p90':>11}{'Mkeys/s':>9}{'GB/s':>7}"
-          f"{'vs sort':>9}")
+    cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
+    print(f"{'keys':<7}{'N':>11}  {'variant':<18}{'median':>11}{'p10':>11}{'p90':>11}{'Mkeys/s':>9}{'GB/s':>7}"
+          f"{'vs sort':>9}" + (f"{'cpu med':>11}{'vs sort':>9}" if cpu_clock else ""))
     records = []
     for kind in [k.strip() for k in args.keys.split(",") if k.strip()]:
         for N in sizes:
@@ -96,22 +99,32 @@ def main(argv=None) -> int:
                 got = fk.lowest_frequency_order(freq, backend=be)
                 checks[be] = bool(torch.equal(got, ref))
                 variants[f"ours[{be}]"] = lambda freq=freq, be=be: fk.lowest_frequency_order(freq, backend=be)
+                mod = get_backend(be)  # the back end alone: what the public API's checks and dispatch add
+                variants[f"backend[{be}]"] = lambda freq=freq, mod=mod: mod.stable_argsort(freq)
             reps = args.reps if N <= 10_000_000 else max(5, args.reps // 4)
             t = common.measure_round_robin(variants, device=device, warmup=2, reps=reps, max_time=args.max_time,
                                            seed=args.seed)
             t_sort = t["torch.sort"]["median"]
-            for vname in ["torch.sort"] + [f"ours[{be}]" for be in backends]:
+            c_sort = t["torch.sort"]["thread_cpu"]["median"] if cpu_clock else None
+            for vname in ["torch.sort"] + [f"{p}[{be}]" for be in backends for p in ("ours", "backend")]:
                 r = t[vname]
                 med = r["median"]
                 nbytes = N * (4 + 8)
-                print(f"{kind:<7}{N:>11,}  {vname:<16}{common.fmt_time(med):>11}{common.fmt_time(r['p10']):>11}"
-                      f"{common.fmt_time(r['p90']):>11}{N / med / 1e6:>9.1f}{common.gbps(nbytes, med):>7.2f}"
-                      f"{t_sort / med:>8.2f}x")
-                be = vname[5:-1] if vname.startswith("ours[") else None
-                records.append({"keys": kind, "N": N, "variant": vname, "device": str(device), "median_s": med,
-                                "p10_s": r["p10"], "p90_s": r["p90"], "n": r["n"], "keys_per_s": N / med,
-                                "gbps_lower_bound_bytes": common.gbps(nbytes, med), "speedup_vs_torch_sort": t_sort / med,
-                                "equal_to_torch_sort": checks.get(be) if be else True, "times": r["times"]})
+                line = (f"{kind:<7}{N:>11,}  {vname:<18}{common.fmt_time(med):>11}{common.fmt_time(r['p10']):>11}"
+                        f"{common.fmt_time(r['p90']):>11}{N / med / 1e6:>9.1f}{common.gbps(nbytes, med):>7.2f}"
+                        f"{t_sort / med:>8.2f}x")
+                rec = {"keys": kind, "N": N, "variant": vname, "device": str(device),
+                       "threads": torch.get_num_threads(), "median_s": med, "p10_s": r["p10"], "p90_s": r["p90"],
+                       "n": r["n"], "keys_per_s": N / med, "gbps_lower_bound_bytes": common.gbps(nbytes, med),
+                       "speedup_vs_torch_sort": t_sort / med, "times": r["times"]}
+                if cpu_clock:
+                    cmed = r["thread_cpu"]["median"]
+                    line += f"{common.fmt_time(cmed):>11}{c_sort / cmed:>8.2f}x"
+                    rec.update(thread_cpu_median_s=cmed, thread_cpu_speedup_vs_torch_sort=c_sort / cmed)
+                print(line)
+                be = vname[vname.index("[") + 1:-1] if "[" in vname else None
+                rec["equal_to_torch_sort"] = checks.get(be) if be else True
+                records.append(rec)
             bad = [be for be, ok in checks.items() if not ok]
             if bad:
                 print(f"  MISMATCH vs torch.sort(stable=True): {bad}")

@@ -79,6 +79,15 @@ def _cpu_time_once(fn: Callable) -> float:
     return time.perf_counter() - t0
 
 
+def _cpu_time_both(fn: Callable) -> tuple:
+    """(wall seconds, CPU seconds of the calling thread) of one call."""
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    return t1 - t0, time.thread_time() - c0
+
+
 def measure(fn: Callable, *, device: str | torch.device = "cpu", warmup: int = 3, reps: int = 20,
             min_time: float = 0.0, max_time: float = 60.0, flush_l2: bool = True) -> dict:
     """Time ``fn()``; returns summarize() of the per-call seconds plus the raw list under 'times'."""
@@ -104,8 +113,12 @@ def measure_round_robin(variants: dict, *, device: str | torch.device = "cpu", w
                         max_time: float = 120.0, flush_l2: bool = True, seed: int = 0) -> dict:
     """Time several callables in turns: each round runs every variant once, in shuffled order.
 
-    Returns {name: summarize(times) + 'times'}. A variant whose single call exceeds ``max_time / 3``
-    stops being repeated after 3 calls (the slow baselines would otherwise dominate a run).
+    Returns {name: summarize(times) + 'times'}; on the CPU also 'thread_cpu' (summarize() of the
+    calling thread's CPU time per call) and 'thread_cpu_times'. With one thread (torch and the
+    kernels run on the calling thread) the thread CPU time leaves out the time the process spent
+    descheduled, so on a busy shared machine it is the steadier figure. A variant whose single call
+    exceeds ``max_time / 3`` stops being repeated after 3 calls (the slow baselines would otherwise
+    dominate a run).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -117,6 +130,7 @@ def measure_round_robin(variants: dict, *, device: str | torch.device = "cpu", w
         torch.cuda.synchronize(device)
     rng = random.Random(seed)
     times: dict = {k: [] for k in variants}
+    cpu_times: dict = {k: [] for k in variants}
     t_start = time.perf_counter()
     for r in range(reps):
         names = list(variants)
@@ -125,13 +139,21 @@ def measure_round_robin(variants: dict, *, device: str | torch.device = "cpu", w
             if len(times[name]) >= 3 and statistics.median(times[name]) > max_time / 3:
                 continue
             fn = variants[name]
-            times[name].append(_cuda_time_once(fn, flush) if cuda else _cpu_time_once(fn))
+            if cuda:
+                times[name].append(_cuda_time_once(fn, flush))
+            else:
+                wall, cpu = _cpu_time_both(fn)
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
         if time.perf_counter() - t_start > max_time and r >= 2:
             break
     out = {}
     for name, ts in times.items():
         out[name] = summarize(ts)
         out[name]["times"] = ts
+        if not cuda:
+            out[name]["thread_cpu"] = summarize(cpu_times[name])
+            out[name]["thread_cpu_times"] = cpu_times[name]
     return out
 
 
