@@ -27,9 +27,17 @@ Cases:
   resnet10   K=10, the GroupNorm ResNet-18 parameter tensors (P ~ 11.2 M; --resnet-width scales it)
   mlp100     K=100, the MLP
 
+On a shared CPU machine pass ``--threads 1``: with more threads than idle cores every parallel
+torch op waits for a descheduled thread, and the per-op times of the chunked apply become erratic
+(10x swings were seen on a 2-core box under foreign load).
+
+Measured (2-core shared CPU box, torch 2.13, --threads 1, medians; loop / ours[fused]):
+  mlp10     topq 434 ms / 28.8 ms (15.1x), topk 256 ms / 29.8 ms (8.6x), cosine 7.6 ms / 4.1 ms (1.9x)
+  resnet10  topq 13.1 s / 1.10 s (11.9x), topk 9.4 s / 1.09 s (8.6x), cosine 1.14 s / 0.10 s (11.3x)
+
 Usage::
 
-    python -m benchmarks.bench_sparsify --cases mlp10 --out bench_out
+    python -m benchmarks.bench_sparsify --cases mlp10 --threads 1 --out bench_out
     python -m benchmarks.bench_sparsify --device cuda --cases mlp10,resnet10,mlp100 --out gpu_out
 """
 from __future__ import annotations
