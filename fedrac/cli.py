@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                                                            "(e.g. a rebuilt CIFAR-10)")
     r.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no notes")
+    r.add_argument("--distributed", action="store_true",
+                   help="shard the clients over the processes of a torchrun launch (NCCL on GPUs, Gloo on "
+                        "CPUs; rank 0 writes the outputs): torchrun --standalone --nproc_per_node N -m fedrac "
+                        "run --distributed ...")
+    r.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="--distributed: seconds a collective may wait for a silent rank (default 1800)")
     k = sub.add_parser("keys", help="list every configuration key with its default")
     k.add_argument("--algorithm", "-a", help="only the core keys and this algorithm's options")
     sub.add_parser("algorithms", help="list the registered algorithms")
@@ -132,6 +138,11 @@ def format_table(summary: dict) -> str:
 
 def _run(args) -> int:
     from . import runner
+
+    if args.distributed:
+        from . import distributed
+
+        return distributed.run_from_cli(args)
 
     quiet = args.quiet
 

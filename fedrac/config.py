@@ -219,6 +219,13 @@ CORE: dict[str, Option] = {
     "eval_batch_size": Option("auto", "int", "rows per evaluation chunk (0 = evaluation module default); "
                               "auto = 16384 for the mlp (whole evaluation sets in one fused chunk: fewer, "
                               "larger GEMMs), the module default otherwise", auto=True),
+    "client_batch": Option("auto", "int", "clients trained together as one batched computation (fedrac.batched; "
+                           "0 or 1 = one after another); auto = mlp: 32 (cpu) / 256 (cuda), resnet18: 1 (cpu) / "
+                           "16 (cuda)", auto=True),
+    "stream_aggregation": Option("auto", "bool", "stream the client updates through fedrac_kernels."
+                                 "StreamingAggregator (O(P + client_batch x P) memory instead of K x P; the same "
+                                 "result bit for bit); auto = when the K updates would exceed 256 MiB, and always "
+                                 "in distributed runs", auto=True),
     "data_dir": Option("", "str", "data directory (empty = $FEDRAC_DATA_DIR or ~/.cache/fedrac)"),
     "archive": Option("", "str", "explicit data source read in place (e.g. a cifar-10-python.tar.gz "
                       "anywhere); data_dir then only receives the decoded cache"),
@@ -238,7 +245,7 @@ CORE: dict[str, Option] = {
 
 #: Keys that may change when a run is resumed (everything else must match the original run).
 RESUME_MUTABLE = ("rounds", "checkpoint_every", "stop_after", "progress", "plots", "tensorboard",
-                  "threads", "data_dir", "archive", "download", "verify")
+                  "threads", "data_dir", "archive", "download", "verify", "stream_aggregation")
 
 PRESETS: dict[str, dict[str, str]] = {
     # Reproduction of the official code path: the authors' standalone vectors (Appendix B) for the
@@ -396,6 +403,10 @@ def resolve_core(cfg: Config, *, partition_kind: str, partition_alpha: Optional[
         import torch
 
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["client_batch"] == "auto":
+        from .batched import resolve_client_batch
+
+        cfg["client_batch"] = resolve_client_batch(cfg["model"], cfg["device"])
     if cfg["eval_batch_size"] == "auto":
         cfg["eval_batch_size"] = 16384 if cfg["model"] == "mlp" else 0
     if cfg["threads"] == "auto":
@@ -423,6 +434,7 @@ def check_core(cfg: Config) -> None:
     need(cfg["stop_after"] >= 0, "stop_after must be >= 0")
     need(cfg["threads"] >= 0, "threads must be >= 0")
     need(cfg["eval_batch_size"] >= 0, "eval_batch_size must be >= 0")
+    need(cfg["client_batch"] >= 0, "client_batch must be >= 0 (0 or 1 = clients one after another)")
     if cfg["samples_per_client"] != "auto":
         need(cfg["samples_per_client"] >= 1, "samples_per_client must be >= 1")
     dev = str(cfg["device"])

@@ -92,6 +92,7 @@ class Simulation:
         self.client_generators = [_generator(derive_seed(seed, "client", k)) for k in range(self.K)]
         self.generator = _generator(derive_seed(seed, "server"))
         self._holdouts = None
+        self.dist = None            # fedrac.distributed.DistContext in `--distributed` runs
 
     def client_holdouts(self):
         """Each client's logging holdout (a fixed random 10% of its data; it still trains on all of it,
@@ -139,6 +140,17 @@ class Simulation:
                            lr=float(self.cfg["lr"] if lr is None else lr),
                            clip_grad=float(self.cfg["clip_grad"]) or None,
                            generator=self.client_generators[k])
+
+    def local_train_many(self, ks: Sequence[int], params: torch.Tensor, masks: Optional[torch.Tensor] = None, *,
+                         num_steps: Optional[int] = None, lr: Optional[float] = None,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[len(ks), P]: clients ``ks`` (at most ``client_batch`` of them) trained from ``params`` as
+        :meth:`local_train` trains them, as one batched computation (:mod:`fedrac.batched`; one after
+        another when client_batch <= 1). ``masks``: None or bool [len(ks), N]. The result is a work
+        buffer reused by the next call unless ``out`` is given."""
+        from .batched import train_clients
+
+        return train_clients(self, ks, params, masks, num_steps=num_steps, lr=lr, out=out)
 
     # evaluation ----------------------------------------------------------------------------------
     def accuracy(self, params: torch.Tensor, split: str = "test", mask: Optional[torch.Tensor] = None) -> float:
@@ -554,6 +566,7 @@ def prepare_resume(run_dir: str | Path, overrides: dict) -> Prepared:
         raise RunError(f"--resume {run_dir}: {e}") from None
     saved = {k: v for k, v in saved.items()}
     saved["stop_after"] = 0
+    saved.setdefault("client_batch", 1)     # runs from before client_batch trained clients one by one
     saved["out"] = str(run_dir)
     cfg, spec = load_config([("config.json", saved), ("overrides", overrides)])
     ckpt = fio.load_checkpoint(run_dir / "checkpoint.pt")
@@ -637,8 +650,11 @@ def read_metrics_prefix(path: Path, rounds: int, digest: str) -> tuple[list, lis
     return records, lines[:rounds]
 
 
-def execute(prep: Prepared, *, log=None) -> Outcome:
-    """Create the run directory (fresh runs) and run the remaining rounds."""
+def execute(prep: Prepared, *, log=None, hooks=None) -> Outcome:
+    """Create the run directory (fresh runs) and run the remaining rounds.
+
+    ``hooks``: optional object whose ``round_end(r, final)`` is called after each round's outputs
+    and checkpoint are written (distributed runs: rank 0 tells the other ranks the round is done)."""
     from . import plots
 
     cfg, sim, algo = prep.cfg, prep.sim, prep.algo
@@ -698,6 +714,8 @@ def execute(prep: Prepared, *, log=None) -> Outcome:
             if save:
                 _checkpoint(prep, r, digest, val_digest, elapsed)
                 last_saved = r
+            if hooks is not None:
+                hooks.round_end(r, final=stop_here or r == R)
             if stop_here:
                 stopped_at = r
                 break

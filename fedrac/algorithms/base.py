@@ -30,6 +30,9 @@ What the simulator provides (``self.sim``, a :class:`fedrac.runner.Simulation`):
     local_train(k, params, mask=None, num_steps=None, lr=None) -> float32 [P]
                                  client k's local work from ``params`` (a new tensor; ``params`` is
                                  untouched), with its own RNG stream, SGD/batch/clip from cfg
+    local_train_many(ks, params, masks=None, num_steps=None, lr=None) -> float32 [len(ks), P]
+                                 the same for up to ``cfg["client_batch"]`` clients as one batched
+                                 computation (fedrac.batched); a reused work buffer
     accuracy(params, split="val"|"test"|"client:<k>", mask=None) -> float
     nested_accuracy(params, order, sizes, split) -> float64 [S]     fused (nested prefixes of order)
     masks_accuracy(params, masks, split) -> float64 [S]              fused (distinct masks)
@@ -137,6 +140,36 @@ class Allocation:
             return m
         return self.masks[k].clone()
 
+    def chunk_masks(self, ks) -> torch.Tensor:
+        """bool [len(ks), N]: the masks of clients ``ks`` (all True for a client holding every neuron)."""
+        idx = torch.as_tensor(list(ks), dtype=torch.int64)
+        if self.nested:
+            rank = torch.empty(self.N, dtype=torch.int64)
+            rank[self.order] = torch.arange(self.N)
+            return rank.unsqueeze(0) < self.sizes[idx].unsqueeze(1)
+        return self.masks[idx].to(torch.bool).cpu()
+
+    def chunk_neuron_masks(self, ks):
+        """The kernels' form for clients ``ks``: NestedMasks or dense bool [len(ks), N]."""
+        idx = torch.as_tensor(list(ks), dtype=torch.int64)
+        if self.nested:
+            return fk.NestedMasks(self.order, self.sizes[idx])
+        return self.masks[idx]
+
+    def digest(self) -> bytes:
+        """A hash of the allocation (distributed runs check that every rank computed the same one)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.order, self.sizes, self.masks):
+            if t is None:
+                h.update(b"-")
+            else:
+                t = t.detach().cpu().contiguous()
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.numpy().tobytes())
+        return h.digest()
+
     def neuron_masks(self):
         """The form the kernels take: NestedMasks or dense bool [K, N]."""
         if self.nested:
@@ -216,6 +249,13 @@ class MaskedAlgorithm(Algorithm):
     non-zero (FedRAC's rule, ALGORITHMS.md 4.9, ``fk.masked_mean_update_``);
     ``structural_mean`` iff its neurons are in k's mask (``fk.structured_mean_update_``).
     Rewards: ``w`` with each client's mask of the last round.
+
+    Execution (same results up to float rounding; bit for bit for a given setting): clients train
+    ``client_batch`` at a time as one batched computation (``sim.local_train_many``); with
+    ``stream_aggregation`` their updates stream through ``fk.StreamingAggregator`` chunk by chunk
+    (O(P + client_batch x P) memory, the same bits as the one-call aggregation); in distributed runs
+    (``sim.dist``) each rank trains its block of clients and the ranks' partial (num, den) are summed
+    by one all-reduce (:mod:`fedrac.distributed`).
     """
 
     options: ClassVar[dict[str, Option]] = {
@@ -257,17 +297,82 @@ class MaskedAlgorithm(Algorithm):
                                      sizes=alloc.sizes.to(self.freq.device))
             else:
                 fk.frequency_update_(self.freq, alloc.masks.to(self.freq.device))
-        deltas = []
-        for k in range(sim.K):
-            wk = sim.local_train(k, self.w, mask=alloc.mask(k))
-            deltas.append(wk.sub_(self.w))
-        self.aggregate(deltas, alloc, r)
+        if self._streaming():
+            self._stream_round(alloc, r)
+        else:
+            deltas = []
+            cb = int(self.cfg.get("client_batch", 1) or 1)
+            if cb <= 1:
+                for k in range(sim.K):
+                    wk = sim.local_train(k, self.w, mask=alloc.mask(k))
+                    deltas.append(wk.sub_(self.w))
+            else:
+                for a in range(0, sim.K, cb):
+                    ks = range(a, min(a + cb, sim.K))
+                    wk = sim.local_train_many(ks, self.w, alloc.chunk_masks(ks))
+                    deltas.extend(wk.sub(self.w).unbind(0))
+            self.aggregate(deltas, alloc, r)
         self.alloc = alloc
         f = self.freq.to(torch.float64)
         out = {"freq_mean": float(f.mean()), "freq_var": float(f.var(unbiased=False)),
                "submodel_size": alloc.counts().tolist()}
         out.update(self.extras)
         return out
+
+    def _streaming(self) -> bool:
+        sim = self.sim
+        custom = type(self).aggregate is not MaskedAlgorithm.aggregate
+        if getattr(sim, "dist", None) is not None:
+            if custom:
+                raise ConfigError(f"{type(self).__name__} overrides aggregate(); distributed runs need the "
+                                  "shared streamed aggregation")
+            return True
+        mode = self.cfg.get("stream_aggregation", False)
+        if custom or mode is False:
+            return False
+        if mode == "auto":
+            return sim.K * sim.P * 4 > (256 << 20)
+        return bool(mode)
+
+    def _stream_round(self, alloc: Allocation, r: int) -> None:
+        """Train this process's clients chunk by chunk, streaming the updates into one
+        ``fk.StreamingAggregator``; in distributed runs the ranks' (num, den) are summed first."""
+        sim, cfg = self.sim, self.cfg
+        dist = getattr(sim, "dist", None)
+        weights = self.aggregation_weights(r)
+        if weights is not None:
+            weights = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+            if len(weights) != sim.K:
+                raise ValueError(f"weights: expected {sim.K} client weights, got {len(weights)}")
+        structural = cfg["aggregation"] == "structural_mean"
+        agg = fk.StreamingAggregator(self.w, layout=sim.layout if structural else None)
+        mine = range(sim.K) if dist is None else dist.shard(sim.K)
+        if dist is not None:
+            dist.before_training(r, sim, mine)
+        cb = max(1, int(cfg.get("client_batch", 1) or 1))
+        for a in range(mine.start, mine.stop, cb):
+            ks = range(a, min(a + cb, mine.stop))
+            upd = sim.local_train_many(ks, self.w, alloc.chunk_masks(ks))
+            upd.sub_(self.w)
+            wts = 1.0 if weights is None else weights[ks.start:ks.stop]
+            try:
+                if structural:
+                    nm = alloc.chunk_neuron_masks(ks)
+                    if not alloc.nested:
+                        nm = nm.to(self.w.device)
+                    agg.add_structured(upd, nm, weight=wts, rule="structural")
+                else:
+                    agg.add(upd, weight=wts)
+            except ValueError as e:
+                bad = [k for i, k in enumerate(ks) if not bool(torch.isfinite(upd[i]).all())]
+                if bad:
+                    raise ValueError(f"deltas: non-finite values (NaN/Inf) in the update(s) of client(s) {bad} in "
+                                     f"round {r}; the global model is unchanged") from None
+                raise e
+            del upd
+        if dist is not None:
+            dist.sum_aggregators(agg, alloc.digest())
+        agg.apply_(self.w)
 
     def aggregate(self, deltas: list, alloc: Allocation, r: int) -> None:
         weights = self.aggregation_weights(r)
