@@ -349,7 +349,9 @@ class MaskedAlgorithm(Algorithm):
         mine = range(sim.K) if dist is None else dist.shard(sim.K)
         if dist is not None:
             dist.before_training(r, sim, mine)
-        cb = max(1, int(cfg.get("client_batch", 1) or 1))
+        cb = int(cfg.get("client_batch", 1) or 1)
+        if cb <= 1:
+            cb = 8          # clients train one by one; their updates still reach the aggregator 8 at a time
         for a in range(mine.start, mine.stop, cb):
             ks = range(a, min(a + cb, mine.stop))
             upd = sim.local_train_many(ks, self.w, alloc.chunk_masks(ks))
