@@ -309,7 +309,8 @@ def run_from_cli(args) -> int:
                     overrides.update(layer)
                 prep = runner.prepare_resume(args.resume, overrides)
             else:
-                layers.append(("--distributed", {"device": dev}))
+                if dev == "cuda":
+                    layers.append(("--distributed", {"device": "cuda"}))      # this rank's cuda:LOCAL_RANK
                 prep = runner.prepare(layers)
             _check_algorithm(prep)
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
@@ -317,8 +318,8 @@ def run_from_cli(args) -> int:
         failed = ctx._flag_allreduce(1.0 if err is not None else 0.0)
         if failed:
             msgs: list = [None] * size
-            own = None if err is None else (str(err) if isinstance(err, ConfigError)
-                                            else f"{type(err).__name__}: {err}")
+            usage = cli._usage_errors()
+            own = None if err is None else (str(err) if isinstance(err, usage) else f"{type(err).__name__}: {err}")
             tdist.all_gather_object(msgs, own)
             bad = [(rk, m) for rk, m in enumerate(msgs) if m is not None]
             if rank == 0:
@@ -326,7 +327,7 @@ def run_from_cli(args) -> int:
                 say_error(m if rk == 0 else f"rank {rk}: {m}")
             elif own is not None and own != msgs[0]:
                 say_error(own)
-            return cli.EXIT_USAGE
+            return cli.EXIT_USAGE if err is None or isinstance(err, usage) else EXIT_FAILED
         sim, cfg = prep.sim, prep.cfg
         sim.dist = ctx
         ctx.P = sim.P

@@ -1,0 +1,153 @@
+"""Distributed runs on CPU: 2 Gloo processes on the loopback interface (torchrun --standalone, and two
+processes started with torchrun's environment), compared with the single-process run; a rank that
+fails stops both processes with a clear message and leaves the last checkpoint intact."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrac.cli import main
+from fedrac.distributed import shard_range
+from fedrac.io import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+S10 = ",".join(f"{0.3 + 0.04 * k:.2f}" for k in range(10))
+ROUNDS = 5
+COMMON = ["--quiet", "--device", "cpu", "--rounds", str(ROUNDS), "--set", f"standalone_acc={S10}",
+          "--set", "plots=false", "--set", "client_batch=3"]
+TIMEOUT = 180
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with Gloo")
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    env.pop("FEDRAC_FAIL_AT", None)
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, **env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fedrac", "run", "--distributed"] + list(args)
+    p = subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=TIMEOUT)
+    return p
+
+
+def two_processes(args, **env):
+    """Two ranks started by hand with torchrun's (static rendezvous) environment: per-process exit
+    codes and messages."""
+    port = str(_free_port())
+    procs = []
+    for r in (0, 1):
+        e = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_PORT=port, **env)
+        procs.append(subprocess.Popen([sys.executable, "-m", "fedrac", "run", "--distributed"] + list(args),
+                                      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=TIMEOUT)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def records(run: Path):
+    return [{k: v for k, v in json.loads(x).items() if k != "time_s"}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def state(run: Path):
+    ck = load_checkpoint(run / "checkpoint.pt")
+    return ck["round"], ck["algorithm"], ck["rng"]
+
+
+def test_shard_range_is_contiguous_balanced_and_complete():
+    for K in (0, 1, 2, 10, 17, 1000):
+        for W in (1, 2, 3, 7, 16):
+            parts = [shard_range(K, W, r) for r in range(W)]
+            assert [k for p in parts for k in p] == list(range(K))
+            assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    with pytest.raises(ValueError):
+        shard_range(10, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    assert main(["run", "--out", str(run)] + COMMON) == 0
+    return run
+
+
+def test_two_processes_match_the_single_process_run_and_resume_bit_identical(single, tmp_path):
+    full = tmp_path / "full"
+    p = torchrun(["--out", str(full)] + COMMON)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "run directory" in p.stdout and p.stdout.count("run directory") == 1     # rank 0 prints
+    # the same metrics as the single process (up to float association of the partial sums)
+    a, b = records(full), records(single)
+    assert len(a) == len(b) == ROUNDS
+    for x, y in zip(a, b):
+        assert x["submodel_size"] == y["submodel_size"]
+        for key in ("max_accuracy", "mean_accuracy", "min_accuracy"):
+            assert abs(x[key] - y[key]) <= 0.01, (key, x[key], y[key])
+    ra, sa, ga = state(full)
+    rb, sb, gb = state(single)
+    assert ra == rb == ROUNDS
+    wa, wb = sa["w"], sb["w"]
+    assert float((wa - wb).abs().max()) <= 1e-5 * float(wb.abs().max())
+    assert torch.equal(sa["freq"], sb["freq"])
+    # every client's RNG stream is in the checkpoint, advanced exactly as in the single process
+    assert all(torch.equal(x, y) for x, y in zip(ga["clients"], gb["clients"]))
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["device"] == "cpu" and cfg["client_batch"] == 3
+
+    # the same configuration again, stopped after round 2 and resumed: bit for bit the first run
+    part = tmp_path / "part"
+    two = two_processes(["--out", str(part), "--set", "stop_after=2"] + COMMON)
+    assert [c for c, _, _ in two] == [0, 0], two
+    assert len(records(part)) == 2
+    p = torchrun(["--resume", str(part), "--quiet"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert records(part) == records(full)
+    rp, sp, gp = state(part)
+    assert rp == ROUNDS and torch.equal(sp["w"], wa) and torch.equal(sp["freq"], sa["freq"])
+
+
+def test_failing_rank_stops_every_process_and_keeps_the_checkpoint(tmp_path):
+    run = tmp_path / "fail"
+    out = two_processes(["--out", str(run)] + COMMON, FEDRAC_FAIL_AT="1:2")
+    (c0, o0, e0), (c1, o1, e1) = out
+    assert c0 != 0 and c1 != 0, out
+    assert "rank 1 failed in round 2" in e0 and "injected failure" in e0 and "checkpoint of round 1" in e0, e0
+    assert "injected failure" in e1 and "[rank 1]" in e1, e1
+    assert "Traceback" not in e0 + e1
+    assert state(run)[0] == 1 and len(records(run)) == 1
+    assert not (run / "summary.json").exists()
+
+
+def test_distributed_needs_torchrun(tmp_path, capsys):
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        assert main(["run", "--distributed", "--out", str(tmp_path / "x")] + COMMON) == 2
+    finally:
+        os.environ.update(env)
+    err = capsys.readouterr().err
+    assert "torchrun" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
