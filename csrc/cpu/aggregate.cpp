@@ -497,9 +497,16 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
         Scratch& sc = scratch.mine();
         const int64_t e0 = t * kTile, n = std::min(kTile, P - e0);
         c.tile(sc, e0, n, [&](int track) {
+          if (track) {  // the rare re-run that locates non-finite values: client by client
+            for (int64_t k : live)
+              if (c.kern->accum(sc.num, sc.den, c.row(k, e0), a->dtype, masks ? masks[k] + e0 : nullptr, n,
+                                a->weights[k], masks ? 0 : 1, 1))
+                c.flag(k);
+            return;
+          }
           // clients in groups (in order): several streams at once, num/den touched once per group;
           // with explicit masks, a client's all-zero 64-element mask chunks skip its values
-          const bool multi = !track && c.kern->accum_multi;
+          const bool multi = c.kern->accum_multi != nullptr;
           const int64_t gmax = multi ? kMultiGroup : 4;
           const int64_t ngroups = (nl + gmax - 1) / gmax;
           for (int64_t q = 0, gi = 0; gi < ngroups; ++gi) {
@@ -513,13 +520,10 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
               m[i] = masks ? masks[k] + e0 : nullptr;
               w[i] = a->weights[k];
             }
-            if (multi) {
+            if (multi)
               c.kern->accum_multi(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, masks ? 0 : 1);
-            } else {
-              const uint32_t bad = c.kern->accum_group(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G, track);
-              for (int i = 0; i < G; ++i)
-                if (bad >> i & 1u) c.flag(live[q + i]);
-            }
+            else
+              c.kern->accum_group(sc.num, sc.den, v, a->dtype, masks ? m : nullptr, w, n, G);
             q += G;
           }
         });

@@ -62,12 +62,12 @@ const char* isa_name(int level);
  * whose gate bytes are all zero (their values are never read). */
 typedef uint32_t (*accum_fn)(float* num, float* den, const void* v, int dtype, const uint8_t* gate,
                              int64_t n, float w, int nonzero, int track);
-/* G (1..4) clients at once, added in order c = 0..G-1 (bit-identical to G accum calls):
- * gates == NULL: the non-zero rule; else client c is active where gates[c][j] != 0 (all-zero
- * 64-element chunks of a client are not read). With track, bit c of the result flags client c. */
-typedef uint32_t (*accum_group_fn)(float* num, float* den, const void* const* v, int dtype,
-                                   const uint8_t* const* gates, const float* w, int64_t n, int G,
-                                   int track);
+/* G (1..4) clients at once, added in order c = 0..G-1 (bit-identical to G accum calls), without
+ * non-finite tracking: gates == NULL: the non-zero rule; else client c is active where
+ * gates[c][j] != 0 (all-zero 64-element chunks of a client are not read). The levels without a
+ * multi-client kernel have one. */
+typedef void (*accum_group_fn)(float* num, float* den, const void* const* v, int dtype,
+                               const uint8_t* const* gates, const float* w, int64_t n, int G);
 /* Any number of clients (G >= 1) at once, added in order, without non-finite tracking: client c
  * is active where (gates == NULL || gates[c][j] != 0) && (!nonzero || x != 0); a client's
  * all-zero 64-element gate chunks are not read. Only the AVX-512 level has one. */
@@ -82,7 +82,7 @@ typedef void (*widen_fn)(float* dst, const void* src, int dtype, int64_t n);
 
 struct SpanKernels {
   accum_fn accum;
-  accum_group_fn accum_group;
+  accum_group_fn accum_group;  // NULL where the level has accum_multi
   accum_multi_fn accum_multi;  // NULL where the level has none
   any_nonfinite_fn any_nonfinite;
   finalize_fn finalize;

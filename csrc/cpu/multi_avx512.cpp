@@ -12,6 +12,11 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+// GCC 12 reports the deliberately undefined pass-through vectors inside the intrinsics headers
+// (_mm512_undefined_*) as maybe-uninitialized; they are never read.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 #define FK_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi,bmi2,popcnt,f16c")))
 #define FK_AVX512_INLINE FK_AVX512_TARGET inline __attribute__((always_inline))
 

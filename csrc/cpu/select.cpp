@@ -264,7 +264,9 @@ template <class K>
 int argsort_typed(const K* keys, int64_t* order, int64_t N, int nthreads) {
   const char* fn = "fk_cpu_stable_argsort";
   const bool is_float = std::is_floating_point<K>::value;
-  const int nt = pick_threads(nthreads, N, int64_t(1) << 15);
+  // threads only for large N: the passes are short and each has barriers, which stall badly when
+  // a thread is descheduled on a shared machine
+  const int nt = pick_threads(nthreads, N, int64_t(1) << 21);
 
   // pass 0: min / max, NaN and integrality (floats)
   K kmin_v = keys[0], kmax_v = keys[0];

@@ -122,12 +122,11 @@ static FK_ALWAYS_INLINE uint32_t accum_body(float* num, float* den, const void* 
 
 /* G clients at once: num/den stay in registers across the G clients (added in client order), so
  * the tile buffers are loaded and stored once per G clients instead of once per client. NZ: the
- * non-zero rule; GATED: client c's gate bytes gp[c]. Returns bit c set iff client c had an active
- * non-finite value (TRACK only). */
-template <int DT, int G, bool NZ, bool GATED, bool TRACK>
-static FK_ALWAYS_INLINE uint32_t accum_group_t(float* __restrict num, float* __restrict den,
-                                                const void* const* vp, const uint8_t* const* gp,
-                                                const float* wp, int64_t off, int64_t n) {
+ * non-zero rule; GATED: client c's gate bytes gp[c]. (No non-finite tracking: the rare re-run of a
+ * tile goes client by client.) */
+template <int DT, int G, bool NZ, bool GATED>
+static FK_ALWAYS_INLINE void accum_group_t(float* __restrict num, float* __restrict den, const void* const* vp,
+                                           const uint8_t* const* gp, const float* wp, int64_t off, int64_t n) {
   typedef typename Elem<DT>::type T;
   const T* __restrict v[G];
   const uint8_t* __restrict gt[G];
@@ -139,8 +138,6 @@ static FK_ALWAYS_INLINE uint32_t accum_group_t(float* __restrict num, float* __r
   }
   num += off;
   den += off;
-  uint32_t bad[G];
-  for (int c = 0; c < G; ++c) bad[c] = 0;
   for (int64_t j = 0; j < n; ++j) {
     float nm = num[j], dn = den[j];
     // straight-line over c (G is a constant): the clients in order, num/den in registers
@@ -154,7 +151,6 @@ static FK_ALWAYS_INLINE uint32_t accum_group_t(float* __restrict num, float* __r
       const float d = dn + w[c];
       nm = a ? s : nm;
       dn = a ? d : dn;
-      if (TRACK) bad[c] |= (uint32_t)a & is_nonfinite(x);
     };
     step(0);
     if (G > 1) step(1);
@@ -163,20 +159,15 @@ static FK_ALWAYS_INLINE uint32_t accum_group_t(float* __restrict num, float* __r
     num[j] = nm;
     den[j] = dn;
   }
-  uint32_t mask = 0;
-  for (int c = 0; c < G; ++c) mask |= (bad[c] ? 1u : 0u) << c;
-  return mask;
 }
 
 /* G clients with gates, chunk by chunk: a chunk where every client's gate is all ones runs
  * ungated, one where none is all zeros runs gated, and one where some client's gate is all zeros
  * runs client by client (in order) so that the dead clients' values are not read. */
-template <int DT, int G, bool TRACK>
-static FK_ALWAYS_INLINE uint32_t accum_masked_group_t(float* num, float* den, const void* const* vp,
-                                                       const uint8_t* const* gp, const float* wp,
-                                                       int64_t n) {
+template <int DT, int G>
+static FK_ALWAYS_INLINE void accum_masked_group_t(float* num, float* den, const void* const* vp,
+                                                  const uint8_t* const* gp, const float* wp, int64_t n) {
   typedef typename Elem<DT>::type T;
-  uint32_t bad = 0;
   int64_t j = 0;
   for (; j + kChunk <= n; j += kChunk) {
     uint32_t dead = 0, full = 0;
@@ -193,56 +184,44 @@ static FK_ALWAYS_INLINE uint32_t accum_masked_group_t(float* num, float* den, co
     const uint32_t every = (1u << G) - 1;
     if (dead == every) continue;
     if (dead == 0) {
-      if (full == every)
-        bad |= accum_group_t<DT, G, false, false, TRACK>(num, den, vp, gp, wp, j, kChunk);
-      else
-        bad |= accum_group_t<DT, G, false, true, TRACK>(num, den, vp, gp, wp, j, kChunk);
+      if (full == every) accum_group_t<DT, G, false, false>(num, den, vp, gp, wp, j, kChunk);
+      else accum_group_t<DT, G, false, true>(num, den, vp, gp, wp, j, kChunk);
       continue;
     }
     for (int c = 0; c < G; ++c) {
       if (dead >> c & 1u) continue;
       const T* v = static_cast<const T*>(vp[c]) + j;
-      const uint32_t b = (full >> c & 1u)
-                             ? accum_run<DT, false, false, TRACK>(num + j, den + j, v, nullptr, kChunk, wp[c])
-                             : accum_run<DT, false, true, TRACK>(num + j, den + j, v, gp[c] + j, kChunk, wp[c]);
-      bad |= (b ? 1u : 0u) << c;
+      if (full >> c & 1u) accum_run<DT, false, false, false>(num + j, den + j, v, nullptr, kChunk, wp[c]);
+      else accum_run<DT, false, true, false>(num + j, den + j, v, gp[c] + j, kChunk, wp[c]);
     }
   }
-  if (j < n) bad |= accum_group_t<DT, G, false, true, TRACK>(num, den, vp, gp, wp, j, n - j);
-  return bad;
+  if (j < n) accum_group_t<DT, G, false, true>(num, den, vp, gp, wp, j, n - j);
 }
 
-template <int DT, bool TRACK>
-static FK_ALWAYS_INLINE uint32_t accum_group_d(float* num, float* den, const void* const* v,
-                                                const uint8_t* const* gates, const float* w, int64_t n,
-                                                int G) {
+template <int DT>
+static FK_ALWAYS_INLINE void accum_group_d(float* num, float* den, const void* const* v, const uint8_t* const* gates,
+                                           const float* w, int64_t n, int G) {
   if (gates) {
     switch (G) {
-      case 1: return accum_masked_group_t<DT, 1, TRACK>(num, den, v, gates, w, n);
-      case 2: return accum_masked_group_t<DT, 2, TRACK>(num, den, v, gates, w, n);
-      case 3: return accum_masked_group_t<DT, 3, TRACK>(num, den, v, gates, w, n);
-      default: return accum_masked_group_t<DT, 4, TRACK>(num, den, v, gates, w, n);
+      case 1: accum_masked_group_t<DT, 1>(num, den, v, gates, w, n); return;
+      case 2: accum_masked_group_t<DT, 2>(num, den, v, gates, w, n); return;
+      case 3: accum_masked_group_t<DT, 3>(num, den, v, gates, w, n); return;
+      default: accum_masked_group_t<DT, 4>(num, den, v, gates, w, n); return;
     }
   }
   switch (G) {
-    case 1: return accum_group_t<DT, 1, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
-    case 2: return accum_group_t<DT, 2, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
-    case 3: return accum_group_t<DT, 3, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
-    default: return accum_group_t<DT, 4, true, false, TRACK>(num, den, v, nullptr, w, 0, n);
+    case 1: accum_group_t<DT, 1, true, false>(num, den, v, nullptr, w, 0, n); return;
+    case 2: accum_group_t<DT, 2, true, false>(num, den, v, nullptr, w, 0, n); return;
+    case 3: accum_group_t<DT, 3, true, false>(num, den, v, nullptr, w, 0, n); return;
+    default: accum_group_t<DT, 4, true, false>(num, den, v, nullptr, w, 0, n); return;
   }
 }
 
-static FK_ALWAYS_INLINE uint32_t accum_group_body(float* num, float* den, const void* const* v, int dtype,
-                                                   const uint8_t* const* gates, const float* w, int64_t n,
-                                                   int G, int track) {
-  if (track) {
-    if (dtype == FK_F32) return accum_group_d<FK_F32, true>(num, den, v, gates, w, n, G);
-    if (dtype == FK_BF16) return accum_group_d<FK_BF16, true>(num, den, v, gates, w, n, G);
-    return accum_group_d<FK_F16, true>(num, den, v, gates, w, n, G);
-  }
-  if (dtype == FK_F32) return accum_group_d<FK_F32, false>(num, den, v, gates, w, n, G);
-  if (dtype == FK_BF16) return accum_group_d<FK_BF16, false>(num, den, v, gates, w, n, G);
-  return accum_group_d<FK_F16, false>(num, den, v, gates, w, n, G);
+static FK_ALWAYS_INLINE void accum_group_body(float* num, float* den, const void* const* v, int dtype,
+                                              const uint8_t* const* gates, const float* w, int64_t n, int G) {
+  if (dtype == FK_F32) accum_group_d<FK_F32>(num, den, v, gates, w, n, G);
+  else if (dtype == FK_BF16) accum_group_d<FK_BF16>(num, den, v, gates, w, n, G);
+  else accum_group_d<FK_F16>(num, den, v, gates, w, n, G);
 }
 
 static FK_ALWAYS_INLINE int any_nonfinite_body(const float* __restrict x, int64_t n) {
@@ -282,11 +261,6 @@ static FK_ALWAYS_INLINE void widen_body(float* dst, const void* src, int dtype, 
                              const uint8_t* gate, int64_t n, float w, int nonzero, int track) {  \
     return accum_body(num, den, v, dtype, gate, n, w, nonzero, track);                           \
   }                                                                                              \
-  ATTR uint32_t accum_group_##NAME(float* num, float* den, const void* const* v, int dtype,     \
-                                   const uint8_t* const* gates, const float* w, int64_t n, int G, \
-                                   int track) {                                                  \
-    return accum_group_body(num, den, v, dtype, gates, w, n, G, track);                          \
-  }                                                                                              \
   ATTR int any_nonfinite_##NAME(const float* x, int64_t n) { return any_nonfinite_body(x, n); } \
   ATTR void finalize_##NAME(float* out, const float* g, const float* num, const float* den,     \
                             int64_t n) {                                                         \
@@ -296,20 +270,29 @@ static FK_ALWAYS_INLINE void widen_body(float* dst, const void* src, int dtype, 
     widen_body(dst, src, dtype, n);                                                              \
   }
 
+/* the 4-client group kernels, for the levels without a multi-client kernel */
+#define FK_DEFINE_GROUP(NAME, ATTR)                                                              \
+  ATTR void accum_group_##NAME(float* num, float* den, const void* const* v, int dtype,         \
+                               const uint8_t* const* gates, const float* w, int64_t n, int G) {  \
+    accum_group_body(num, den, v, dtype, gates, w, n, G);                                        \
+  }
+
 FK_DEFINE_LEVEL(base, )
+FK_DEFINE_GROUP(base, )
 #if defined(__x86_64__)
 FK_DEFINE_LEVEL(avx2, __attribute__((target("avx2,bmi,bmi2,popcnt,f16c"))))
+FK_DEFINE_GROUP(avx2, __attribute__((target("avx2,bmi,bmi2,popcnt,f16c"))))
 FK_DEFINE_LEVEL(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi,bmi2,popcnt,f16c"))))
 #endif
 
 }  // namespace
 
 const SpanKernels& span_kernels_for(Isa level) {
-#define FK_TABLE(NAME, MULTI) {accum_##NAME, accum_group_##NAME, MULTI, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
-  static const SpanKernels base = FK_TABLE(base, nullptr);
+#define FK_TABLE(NAME, GROUP, MULTI) {accum_##NAME, GROUP, MULTI, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
+  static const SpanKernels base = FK_TABLE(base, accum_group_base, nullptr);
 #if defined(__x86_64__)
-  static const SpanKernels avx2 = FK_TABLE(avx2, nullptr);
-  static const SpanKernels avx512 = FK_TABLE(avx512, accum_multi_avx512);
+  static const SpanKernels avx2 = FK_TABLE(avx2, accum_group_avx2, nullptr);
+  static const SpanKernels avx512 = FK_TABLE(avx512, nullptr, accum_multi_avx512);
   if (level >= ISA_AVX512) return avx512;
   if (level == ISA_AVX2) return avx2;
 #endif
