@@ -14,8 +14,10 @@ The simulator's round is exactly what ``fedrac run`` does per round (``runner.ro
 per-round I/O (metrics line with fsync + atomic checkpoint).
 
 Data: the rebuilt CIFAR-10 in /work/shared/data when present (or --archive PATH), else synthetic
-CIFAR-shaped tensors (--synthetic forces them). Rounds alternate between the two loops so machine
-load affects both alike; round 1 (no allocation) is not timed.
+CIFAR-shaped tensors (--synthetic forces them). Rounds alternate between the two loops (which one
+goes first alternates too) so machine load affects both alike; round 1 (no allocation) is not timed.
+Both wall time and process CPU time are recorded per round (CPU time is less sensitive to other
+processes on a shared machine); the load average is printed and stored with the results.
 
     python benchmarks/bench_round.py                  # 6 rounds per setting, prints the ratios
     python benchmarks/bench_round.py --rounds 6 --json results.json
@@ -88,7 +90,9 @@ def main(argv=None) -> int:
         print(f"[{mode} logging] median s/round: simulator {res['simulator_s_per_round']:.3f}, official loop "
               f"{res['official_s_per_round']:.3f} -> speed-up {res['speedup']:.1f}x (fastest rounds: "
               f"{min(res['simulator_rounds_s']):.3f} vs {min(res['official_rounds_s']):.3f} s -> "
-              f"{res['speedup_of_fastest_rounds']:.1f}x)")
+              f"{res['speedup_of_fastest_rounds']:.1f}x); CPU time: {res['simulator_cpu_s_per_round']:.3f} vs "
+              f"{res['official_cpu_s_per_round']:.3f} s -> {res['speedup_cpu']:.1f}x; load average "
+              f"{res['load_before'][0]:.2f} -> {res['load_after'][0]:.2f} on {os.cpu_count()} CPUs")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -119,25 +123,39 @@ def bench_mode(mode: str, args, synthetic: bool) -> dict:
                               tuple(t.cpu() for t in sim.val_data()), tuple(t.cpu() for t in sim.test_data()),
                               prep.cfg["standalone_acc"], csv_path=str(work / "freq.csv"),
                               log_client_data=(mode == "full"))
-    ours, theirs = [], []
-    digest = ""
+    ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
+    state = {"digest": ""}
     metrics_path = prep.run_dir / "metrics.jsonl"
-    for r in range(1, args.rounds + 1):
-        t0 = time.perf_counter()
+
+    def simulator_round(r):
         rec = runner.round_step(prep, r)
         line = fio.append_jsonl(metrics_path, rec, sync=True)
-        digest = fio.chain_digest(digest, line)
-        runner._checkpoint(prep, r, digest, "bench", 0.0)
-        t1 = time.perf_counter()
-        off = official.iterate(r)
-        t2 = time.perf_counter()
+        state["digest"] = fio.chain_digest(state["digest"], line)
+        runner._checkpoint(prep, r, state["digest"], "bench", 0.0)
+        return rec
+
+    def timed(fn, r):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(r)
+        return out, time.perf_counter() - t, time.process_time() - c
+
+    load_before = os.getloadavg()
+    for r in range(1, args.rounds + 1):
+        if r % 2:
+            rec, w_ours, c_ours = timed(simulator_round, r)
+            off, w_off, c_off = timed(official.iterate, r)
+        else:
+            off, w_off, c_off = timed(official.iterate, r)
+            rec, w_ours, c_ours = timed(simulator_round, r)
         if r >= 2:
-            ours.append(t1 - t0)
-            theirs.append(t2 - t1)
+            ours.append(w_ours)
+            theirs.append(w_off)
+            ours_cpu.append(c_ours)
+            theirs_cpu.append(c_off)
         fair = rec["fairness"] if rec["fairness"] is not None else float("nan")
-        print(f"  round {r}: simulator {t1 - t0:7.3f} s (fairness {fair:6.1f}, max {rec['max_accuracy']:.3f}) | "
-              f"official loop {t2 - t1:7.3f} s (fairness {off['fairness']:6.1f}, max {off['max_accuracy']:.3f})",
-              flush=True)
+        print(f"  round {r}: simulator {w_ours:7.3f} s, cpu {c_ours:6.3f} (fairness {fair:6.1f}, max "
+              f"{rec['max_accuracy']:.3f}) | official loop {w_off:7.3f} s, cpu {c_off:6.3f} (fairness "
+              f"{off['fairness']:6.1f}, max {off['max_accuracy']:.3f}) | load {os.getloadavg()[0]:.2f}", flush=True)
     res = {
         "logging": mode,
         "rounds_timed": len(ours),
@@ -145,9 +163,16 @@ def bench_mode(mode: str, args, synthetic: bool) -> dict:
         "official_s_per_round": statistics.median(theirs),
         "simulator_rounds_s": ours,
         "official_rounds_s": theirs,
+        "simulator_cpu_s_per_round": statistics.median(ours_cpu),
+        "official_cpu_s_per_round": statistics.median(theirs_cpu),
+        "simulator_rounds_cpu_s": ours_cpu,
+        "official_rounds_cpu_s": theirs_cpu,
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
     }
     res["speedup"] = res["official_s_per_round"] / res["simulator_s_per_round"]
     res["speedup_of_fastest_rounds"] = min(theirs) / min(ours)
+    res["speedup_cpu"] = res["official_cpu_s_per_round"] / res["simulator_cpu_s_per_round"]
     if args.check:
         import fedrac_kernels as fk
         from fedrac.algorithms.fedrac import candidate_sizes

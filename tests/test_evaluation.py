@@ -214,3 +214,74 @@ def test_accepts_fedrac_kernels_nested_masks(gen):
     data = [(x[:7], y[:7]), (x[7:12], y[7:12]), (x[12:], y[12:])]
     assert torch.equal(client_metrics(m, p, data, nm)["correct"],
                        client_metrics(m, p, data, dense)["correct"])
+
+
+@pytest.mark.parametrize("kind", ["nested", "dense", "full"])
+def test_client_metrics_mlp_subsets_match_separate_evaluations(kind, gen):
+    """The MLP path (one layer-1 pass per client, restricted to its submodel): per-client and
+    per-subset values equal separate evaluations of each client's submodel on those rows."""
+    fk = pytest.importorskip("fedrac_kernels")
+    m, p = _mlp()
+    sizes_n = [30, 0, 45, 17, 60]
+    data = [(torch.randn(k, 1, 8, 8, generator=gen), torch.randint(0, 10, (k,), generator=gen)) for k in sizes_n]
+    order = torch.randperm(400, generator=gen)
+    sizes = torch.tensor([8, 400, 232, 0, 392])
+    dense = nested_masks(order, sizes)
+    if kind == "nested":
+        masks = fk.NestedMasks(order, sizes)
+    elif kind == "dense":
+        masks = torch.rand(5, 400, generator=gen) < 0.6
+        masks[2] = masks[0]
+        dense = masks
+    else:
+        masks, dense = None, torch.ones(5, 400, dtype=torch.bool)
+    subsets = [torch.randperm(k, generator=gen)[:max(1, k // 3)] if k else torch.zeros(0, dtype=torch.long)
+               for k in sizes_n]
+    r = client_metrics(m, p, data, masks, batch_size=16, subsets=subsets)
+    for k, (xk, yk) in enumerate(data):
+        for res, rows in ((r, slice(None)), (r["subset"], subsets[k])):
+            xs, ys = xk[rows], yk[rows]
+            if xs.shape[0] == 0:
+                assert math.isnan(res["accuracy"][k]) and math.isnan(res["loss"][k])
+                continue
+            e = evaluate(m, p, xs, ys, mask=dense[k])
+            assert res["correct"][k] == e["correct"]
+            assert res["loss"][k].item() == pytest.approx(e["loss"], rel=1e-5)
+            assert res["correct"][k] == _float64_counts(m, p, xs, ys, dense[k:k + 1])[0]
+    assert r["subset"]["num_samples"].tolist() == [s.numel() for s in subsets]
+
+
+def test_nested_layer1_float64_recheck_and_fallback_kernel(gen, monkeypatch):
+    """Every decision rechecked with layer 1 in float64, and the plain addmm kernel instead of
+    oneDNN, give the same counts (and the losses agree)."""
+    import fedrac._fastmath as fm
+
+    m, p = _mlp(seed=5)
+    n = 200
+    x, y = torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    order = torch.randperm(400, generator=gen)
+    sizes = torch.arange(0, 51) * 8
+    acc, loss = nested_candidate_accuracy(m, p, x, y, order, sizes, batch_size=64, return_loss=True)
+    monkeypatch.setattr(ev, "_NEAR_TIE_RTOL", 1e9)
+    monkeypatch.setattr(ev, "_LAYER1_RTOL", 1e9)
+    assert torch.equal(nested_candidate_accuracy(m, p, x, y, order, sizes, batch_size=64), acc)
+    monkeypatch.undo()
+    monkeypatch.setattr(fm, "_ONEDNN", False)
+    acc2, loss2 = nested_candidate_accuracy(m, p, x, y, order, sizes, batch_size=64, return_loss=True)
+    assert torch.equal(acc2, acc)
+    torch.testing.assert_close(loss2, loss, rtol=1e-6, atol=1e-7)
+    assert torch.equal((acc * n).round().long(), _float64_counts(m, p, x, y, nested_masks(order, sizes)))
+
+
+def test_linear_relu_kernels_agree(gen):
+    from fedrac._fastmath import linear_relu
+
+    x = torch.randn(37, 300, generator=gen)
+    w = torch.randn(20, 300, generator=gen)
+    b = torch.randn(20, generator=gen)
+    ref = torch.relu(x.double() @ w.double().t() + b.double())
+    with torch.no_grad():
+        got = linear_relu(x, w, b)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+        # rows and weight-row subsets give the same bits as the whole (a column depends on its row only)
+        assert torch.equal(linear_relu(x[5:20], w[:7].contiguous(), b[:7].contiguous()), got[5:20, :7])
