@@ -197,7 +197,8 @@ class ClientTrainer:
         self._bufs.clear()
 
     def _buffer(self, name: str, shape, dtype, device) -> torch.Tensor:
-        """A cached buffer of at least ``shape`` (grown along dim 0/1 only when needed), viewed to ``shape``."""
+        """A cached flat buffer of at least ``prod(shape)`` elements (re-allocated only when it is too
+        small; parameters/gradients are sized for ``max_batch`` clients at once), viewed to ``shape``."""
         key = (name, dtype, device)
         b = self._bufs.get(key)
         need = 1
@@ -276,7 +277,6 @@ class ClientTrainer:
             m1, m2 = fm[:, :H], fm[:, H:]
         elif self._vmap is None:
             self._vmap = _VmapGrad(self.model)
-        counts_host = torch.empty(Kb, dtype=torch.float32)
         with torch.no_grad():
             for step in range(num_steps):
                 first_shared = shared and step == 0     # every client still holds `start`
@@ -293,8 +293,7 @@ class ClientTrainer:
                     if b < B:
                         xb[k, b:].zero_()
                         yb[k, b:].zero_()
-                counts_host.copy_(torch.tensor(lens, dtype=torch.float32))
-                counts = counts_host.to(dev)
+                counts = torch.tensor(lens, dtype=torch.float32).to(dev)
                 padded = min(lens) < B
                 valid = None
                 if padded:

@@ -327,6 +327,7 @@ def run_from_cli(args) -> int:
                 say_error(m if rk == 0 else f"rank {rk}: {m}")
             elif own is not None and own != msgs[0]:
                 say_error(own)
+            _settle(tdist)
             return cli.EXIT_USAGE if err is None or isinstance(err, usage) else EXIT_FAILED
         sim, cfg = prep.sim, prep.cfg
         sim.dist = ctx
@@ -372,6 +373,8 @@ def run_from_cli(args) -> int:
         elif not any(rk == rank for rk, _, _ in failures):
             text = f"stopping because {text}"
         say_error(text)
+        if len(msgs) == size:
+            _settle(tdist)
         return EXIT_FAILED
     finally:
         try:
@@ -379,6 +382,16 @@ def run_from_cli(args) -> int:
                 tdist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _settle(tdist) -> None:
+    """Every rank has printed its message before any exits (torchrun stops the others on the first
+    non-zero exit)."""
+    try:
+        sys.stderr.flush()
+        tdist.barrier()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _checkpoint_note(prep) -> str:
