@@ -18,7 +18,8 @@ Memory: CUDA: ``torch.cuda.max_memory_allocated`` over the timed rounds (reset b
 CPU: the resident set size sampled every 2 ms during the timed rounds (``round_peak_rss_mb``: its
 maximum; ``round_extra_rss_mb``: that minus the RSS before the rounds, i.e. the rounds' working
 set beyond data + model) and the process high-water mark (``peak_rss_mb``); plus the analytic
-``client_state_mb`` = 2 x client_batch x P x 4 B (parameters + gradients of the chunk in training)
+``client_state_mb`` = 2 x client_batch x P x 4 B (parameters + gradients of the chunk in training;
+sequential: 10 x P x 4 B, local_train's two vectors and the 8-update chunk)
 and ``aggregator_mb`` = 2 x P x 4 B.
 
     python benchmarks/bench_scale.py                                  # CPU: MLP, K = 10,100,1000
@@ -203,7 +204,10 @@ def worker(case: dict) -> dict:
     rec["clients_per_s"] = sim.K / rec["round_s"]
     mine = sim.K if dist_ctx is None else len(dist_ctx.shard(sim.K))
     rec["train_clients_per_s"] = mine / rec["train_s"] if rec["train_s"] > 0 else None
-    rec["client_state_mb"] = 2 * max(1, rec["client_batch"]) * sim.P * 4 / 2**20
+    cb = rec["client_batch"]
+    # batched: parameters + gradients of the chunk; sequential: local_train's params + grad, and the
+    # 8-row chunk of updates handed to the aggregator
+    rec["client_state_mb"] = (2 * cb if cb > 1 else 2 + 8) * sim.P * 4 / 2**20
     rec["aggregator_mb"] = 2 * sim.P * 4 / 2**20
     rec["updates_if_held_mb"] = sim.K * sim.P * 4 / 2**20
     rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
