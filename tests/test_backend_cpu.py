@@ -137,7 +137,7 @@ def run_both(fn_name, acc, *args):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K,P", [(1, 1), (1, 257), (3, 997), (7, 4099), (17, 2053), (6, 40009)])
-def test_dense_nonzero_rule(isa, gen, dtype, K, P):
+def test_dense_nonzero_rule(isa2, gen, dtype, K, P):
     rows = rand_rows(gen, K, P, dtype)
     w = rand_weights(gen, K)
     for mode, inplace in (("final", False), ("final", True), ("acc", False)):
