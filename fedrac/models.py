@@ -26,6 +26,7 @@ the parameters in ``named_parameters()`` order, each flattened row-major; see
 from __future__ import annotations
 
 import contextlib
+import abc
 from typing import Optional, Sequence
 
 import torch
@@ -109,7 +110,7 @@ def _site_mask(mask: Optional[torch.Tensor], offset: int, width: int, h: torch.T
     return m
 
 
-class MaskedModel(nn.Module):
+class MaskedModel(nn.Module, abc.ABC):
     """Base class: site bookkeeping and mask validation (subclasses define the layers)."""
 
     _sites: tuple = ()
@@ -117,8 +118,9 @@ class MaskedModel(nn.Module):
     def mask_sites(self) -> list[tuple[str, int]]:
         return list(self._sites)
 
+    @abc.abstractmethod
     def parameter_gates(self) -> dict[str, tuple[Optional[str], Optional[str]]]:
-        raise NotImplementedError
+        """Implemented by each model (see the module docstring)."""
 
     @property
     def num_neurons(self) -> int:
@@ -145,11 +147,13 @@ class MaskedModel(nn.Module):
             return mask
         raise ValueError(f"mask: expected shape [{N}] or [{batch}, {N}], got {tuple(mask.shape)}")
 
+    @abc.abstractmethod
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each model (see the module docstring)."""
 
+    @abc.abstractmethod
     def forward_rest(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each model (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = self.check_mask(mask, x.shape[0])

@@ -59,6 +59,7 @@ frequency table and the masked mean (``fedrac_kernels``) are shared.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
@@ -197,7 +198,7 @@ class Allocation:
 
 # ------------------------------------------------------------------------------------------- base
 
-class Algorithm:
+class Algorithm(abc.ABC):
     """Base class of every algorithm (see the module docstring for the contract)."""
 
     name: ClassVar[str] = ""
@@ -216,18 +217,20 @@ class Algorithm:
     def setup(self) -> None:
         """Build the initial state (called for fresh runs and before ``load_state_dict`` on resume)."""
 
+    @abc.abstractmethod
     def round(self, r: int) -> dict:
-        raise NotImplementedError
+        """One server round; returns JSON-able extras to log."""
 
+    @abc.abstractmethod
     def rewards(self):
-        raise NotImplementedError
+        """The current reward model of every client (MaskRewards / ParamRewards / AccuracyRewards)."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd:
-            raise NotImplementedError(f"{type(self).__name__} must implement load_state_dict")
+            raise TypeError(f"{type(self).__name__} has state but does not implement load_state_dict")
 
     def client_columns(self) -> dict[str, list]:
         return {}
@@ -276,8 +279,9 @@ class MaskedAlgorithm(Algorithm):
     def allocate(self, r: int) -> Optional[Allocation]:
         """The allocation of round r from the current state (``self.w`` before training), or None
         for "full model for everybody, not counted in the frequency table". May put per-round
-        values to log into ``self.extras``."""
-        raise NotImplementedError
+        values to log into ``self.extras``. Subclasses that override ``round`` entirely (Aequa)
+        need not implement it."""
+        raise TypeError(f"{type(self).__name__} must implement allocate(r) or override round(r)")
 
     def aggregation_weights(self, r: int):
         """K client weights for the masked mean (None = all 1)."""
