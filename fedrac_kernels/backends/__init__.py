@@ -66,6 +66,11 @@ _MODULES = {
 }
 
 
+#: ABI codes of csrc/include/fedrac_kernels.h (FK_F32.. and FK_KEY_F32..), shared by the native back ends.
+UPDATE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KEY_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.int32: 2, torch.int64: 3}
+
+
 @dataclass
 class Accum:
     """Arguments shared by the aggregation entry points (see the module docstring)."""

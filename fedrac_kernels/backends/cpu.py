@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import Accum
+from . import KEY_DTYPE_CODES, UPDATE_DTYPE_CODES, Accum
 
 try:  # the extension is optional: without it this back end reports itself unavailable
     from .. import _cpu  # type: ignore[attr-defined]
@@ -22,8 +22,8 @@ except Exception as exc:  # pragma: no cover - depends on the build
     _cpu = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_UPDATE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KEY_DTYPES = {torch.float32: 0, torch.float64: 1, torch.int32: 2, torch.int64: 3}
+_UPDATE_DTYPES = UPDATE_DTYPE_CODES
+_KEY_DTYPES = KEY_DTYPE_CODES
 
 
 def available() -> tuple[bool, str]:
