@@ -94,18 +94,21 @@ class Simulation:
         self._holdouts = None
         self.dist = None            # fedrac.distributed.DistContext in `--distributed` runs
 
-    def client_holdouts(self):
-        """Each client's logging holdout (a fixed random 10% of its data; it still trains on all of it,
-        flgo's train_on_all), drawn from the partition seed."""
+    def client_holdout_indices(self) -> list:
+        """Each client's logging holdout as row indices into its data: a fixed random 10% (it still
+        trains on all of it, flgo's train_on_all), drawn from the partition seed."""
         if self._holdouts is None:
             out = []
-            for k, (x, y) in enumerate(self._clients):
+            for k, (x, _y) in enumerate(self._clients):
                 g = _generator(derive_seed(int(self.cfg["partition_seed"]), "holdout", k))
                 perm = torch.randperm(x.shape[0], generator=g).to(x.device)
-                n = max(1, int(0.1 * x.shape[0]))
-                out.append((x[perm[:n]], y[perm[:n]]))
+                out.append(perm[:max(1, int(0.1 * x.shape[0]))])
             self._holdouts = out
         return self._holdouts
+
+    def client_holdouts(self):
+        """Each client's logging holdout rows ``(x, y)`` (see :meth:`client_holdout_indices`)."""
+        return [(x[i], y[i]) for (x, y), i in zip(self._clients, self.client_holdout_indices())]
 
     # data ---------------------------------------------------------------------------------------
     def client_data(self, k: int):
@@ -208,37 +211,42 @@ class Simulation:
         """The official logger's extra per-round work: every client's reward model on its own data
         and on its holdout (data-weighted loss/accuracy, as flgo's train/valid metrics).
 
-        Each client's rows are evaluated in place (no concatenation), through the fused nested
-        evaluation for nested masks."""
+        One fused pass (:func:`fedrac.evaluation.client_metrics`): each client's rows are evaluated
+        once, in place, and the holdout metrics are read off the same per-row results (the holdout
+        is a subset of the client's rows); submodel rewards share every computation before the
+        first mask site (nested masks: one gathered weight set, each client a prefix of it)."""
+        from fedrac_kernels import NestedMasks
+
         from .algorithms.base import AccuracyRewards, MaskRewards
-        from .evaluation import evaluate, masks_accuracy, nested_candidate_accuracy
+        from .evaluation import client_metrics, evaluate
 
         if isinstance(rewards, AccuracyRewards):
             return {}
         bs = self.eval_batch_size
-        out: dict = {}
-        for name, data in (("train", self._clients), ("valid", self.client_holdouts())):
-            loss, acc, n = [], [], []
-            for k, (x, y) in enumerate(data):
-                if isinstance(rewards, MaskRewards):
-                    p = rewards.params
-                    if rewards.order is not None:
-                        a, l_ = nested_candidate_accuracy(self.model, p, x, y, rewards.order,
-                                                          [int(rewards.sizes[k])], batch_size=bs, return_loss=True)
-                    elif rewards.masks is not None:
-                        a, l_ = masks_accuracy(self.model, p, x, y, rewards.masks[k:k + 1], batch_size=bs,
-                                               return_loss=True)
-                    else:
-                        e = evaluate(self.model, p, x, y, batch_size=bs)
-                        a, l_ = [e["accuracy"]], [e["loss"]]
-                    acc.append(float(a[0]))
-                    loss.append(float(l_[0]))
-                else:
+        idx = self.client_holdout_indices()
+        if isinstance(rewards, MaskRewards):
+            masks = None
+            if rewards.order is not None:
+                masks = NestedMasks(rewards.order, torch.as_tensor(rewards.sizes, dtype=torch.int64))
+            elif rewards.masks is not None:
+                masks = rewards.masks
+            res = client_metrics(self.model, rewards.params, self._clients, masks, batch_size=bs, subsets=idx)
+            parts = (res, res["subset"])
+        else:           # one model per client: evaluate each on its rows and on its holdout
+            parts = []
+            for data in (self._clients, self.client_holdouts()):
+                acc, loss, n = [], [], []
+                for k, (x, y) in enumerate(data):
                     m = rewards.masks[k] if rewards.masks is not None else None
                     e = evaluate(self.model, rewards.params[k], x, y, mask=m, batch_size=bs)
                     acc.append(e["accuracy"])
                     loss.append(e["loss"])
-                n.append(int(x.shape[0]))
+                    n.append(int(x.shape[0]))
+                parts.append({"accuracy": torch.tensor(acc, dtype=torch.float64),
+                              "loss": torch.tensor(loss, dtype=torch.float64), "num_samples": torch.tensor(n)})
+        out: dict = {}
+        for name, r in zip(("train", "valid"), parts):
+            acc, loss, n = r["accuracy"].tolist(), r["loss"].tolist(), r["num_samples"].tolist()
             tot = sum(n)
             out[f"{name}_loss"] = sum(a * b for a, b in zip(loss, n)) / tot
             out[f"{name}_accuracy"] = sum(a * b for a, b in zip(acc, n)) / tot
