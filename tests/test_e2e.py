@@ -113,8 +113,31 @@ def test_options_and_ablations_run(tmp_path, extra):
 
 
 def test_tensorboard_logs(tmp_path):
+    """The scalars read back from the event files are the metrics.jsonl values, one per round, also
+    across a stop + resume (the resumed writer purges nothing it should keep and duplicates no step)."""
     pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--rounds", "2", "--quiet", "--tensorboard",
-                 "--set", f"standalone_acc={S10}", "--set", "plots=false"]) == 0
-    assert any((out / "tensorboard").iterdir())
+    common = ["--quiet", "--tensorboard", "--set", f"standalone_acc={S10}", "--set", "plots=false"]
+    assert main(["run", "--out", str(out), "--rounds", "3", "--set", "stop_after=2"] + common) == 0
+    assert main(["run", "--resume", str(out), "--quiet", "--tensorboard"]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    for key in ("max_accuracy", "mean_accuracy", "rate", "fairness", "freq_var"):
+        events = ea.Scalars(key)
+        got = {e.step: e.value for e in events}
+        want = {r["round"]: r[key] for r in recs if r[key] is not None}
+        assert len(events) == len(want) and sorted(got) == sorted(want), key
+        for step, v in want.items():
+            assert got[step] == pytest.approx(v, rel=1e-6, abs=1e-7), (key, step)
+    # per-client accuracies: one run per client (add_scalars), the last round's values
+    for k in (0, 9):
+        sub = EventAccumulator(str(out / "tensorboard" / f"client_accuracy_{k}"))
+        sub.Reload()
+        (tag,) = sub.Tags()["scalars"]
+        vals = {e.step: e.value for e in sub.Scalars(tag)}
+        assert sorted(vals) == [1, 2, 3]
+        assert vals[3] == pytest.approx(recs[-1]["client_accuracy"][k], rel=1e-6)
