@@ -25,6 +25,35 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch CPU thread for the test (tiny shapes: a second OpenMP thread only adds stalls on a
+    shared, loaded machine); restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def gen():
     """A fresh, seeded generator per test (inputs are random, never all zeros)."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def tmp(tmp_path, monkeypatch):
+    """A CLI test's working folder: the current directory (default ./runs lands here) with its own
+    data folder (FEDRAC_DATA_DIR)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDRAC_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def one_line_error(code, err, *words):
+    """A usage error: exit code 2 and exactly one line ``fedrac: error: ...`` naming every word."""
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedrac: error: ")
+    for w in words:
+        assert w in lines[0], (w, lines[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from fedrac.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,22 +20,6 @@ def run_cli(args, capsys):
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture
-def tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)                     # default ./runs lands here
-    monkeypatch.setenv("FEDRAC_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
-
-
-def one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fedrac: error: ")
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def no_run_dir(tmp):

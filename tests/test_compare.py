@@ -7,27 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from fedrac import paper
 from fedrac.compare import (Study, add_subcommands, cell, distinct_methods, main, mean_std, parse_seeds,
                             reproduce_report)
 
 METHODS = "fedrac,fedsac"
-
-
-@pytest.fixture
-def tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FEDRAC_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
-
-
-def one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fedrac: error: ")
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def log(out: Path):

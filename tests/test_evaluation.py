@@ -11,12 +11,7 @@ from fedrac.evaluation import (accuracy, client_metrics, evaluate, masks_accurac
 from fedrac.models import bind_flat_parameters_, build_model, flatten_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(classes=10, shape=(1, 8, 8), seed=0):

@@ -7,13 +7,7 @@ from fedrac.models import (MaskedMLP, MaskedResNet18, bind_flat_parameters_, bui
 from fedrac.training import local_train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: a second OpenMP thread only adds stalls on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name,dataset,classes,shape,variant,P", [

@@ -10,12 +10,7 @@ from fedrac.models import bind_flat_parameters_, build_model, flatten_parameters
 from fedrac.training import holdout_split, local_train, train_epochs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(model, params, x, y, *, mask, num_steps, batch_size, lr, clip_grad, seed):
