@@ -9,14 +9,17 @@ value checks also hold inside a ``torch.compile``'d graph.
 from __future__ import annotations
 
 import contextlib
-import math
 import inspect
 import logging
+import math
 import os
+import threading
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 
+from . import layout as _layout
 from .backends import BACKEND_NAMES, Accum, backend_status, get_backend
 
 ENV_VAR = "FEDRAC_KERNELS_BACKEND"
@@ -40,11 +43,13 @@ def status(name: str) -> tuple:
 
 
 def clear_cache() -> None:
-    """Forget cached back-end statuses (tests; after building a native module in-process)."""
+    """Forget cached back-end statuses and scratch buffers (tests; after building a native module in-process)."""
     _status_cache.clear()
     _device_cache.clear()
     _resolve_cache.clear()
     _logged.clear()
+    with _scratch_lock:
+        _SCRATCH.clear()
 
 
 def available_backends() -> list:
@@ -159,31 +164,51 @@ def _chosen(name: str, device: torch.device):
     return get_backend(name)
 
 
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
 def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NULL_CONTEXT  # stateless and reentrant: one instance serves every call
 
 
 # ---- value checks -----------------------------------------------------------------------------
+def weight_code(w: torch.Tensor) -> torch.Tensor:
+    """0-dim int32 tensor on ``w``'s device, from ONE reduction over the weights: 0 = every weight is
+    zero, 1 = valid (all >= 0 and finite, one > 0), >= 2 = some weight is negative or non-finite."""
+    if w.numel() == 0:
+        return torch.zeros((), dtype=torch.int32, device=w.device)
+    bad = ~(w >= 0) | (w == math.inf)  # NaN fails w >= 0
+    return (bad.to(torch.int32) * 2 + (w > 0).to(torch.int32)).amax()
+
+
+def weight_error(w: torch.Tensor, name: str = "weights", allow_all_zero: bool = False) -> None:
+    """Raise the ValueError describing what is wrong with ``w`` (reads it on the host: error path only)."""
+    wc = w.detach().cpu()
+    nf = (~torch.isfinite(wc)).nonzero().flatten().tolist()
+    if nf:
+        raise ValueError(f"{name}: non-finite weight(s) at client(s) {nf}: {wc[nf].tolist()}")
+    neg = (wc < 0).nonzero().flatten().tolist()
+    if neg:
+        raise ValueError(f"{name}: negative weight(s) at client(s) {neg}: {wc[neg].tolist()}; weights must be >= 0")
+    if not allow_all_zero and not bool((wc > 0).any()):
+        raise ValueError(f"{name}: all weights are zero; at least one client needs a positive weight")
+
+
 def check_weight_values(w: torch.Tensor, name: str = "weights", allow_all_zero: bool = False) -> None:
-    """ValueError if any weight is negative or non-finite, or all are zero (one host sync on GPUs)."""
-    if w.device.type == "cpu":
+    """ValueError if any weight is negative or non-finite, or all are zero.
+
+    CPU: read on the host. Other devices: one reduction (:func:`weight_code`) and one transfer."""
+    if not _layout.one_transfer(w.device):
         vals = w.tolist()
         bad = any(not (v >= 0.0 and v != math.inf) for v in vals)  # NaN fails v >= 0
         positive = any(v > 0.0 for v in vals)
     else:
-        flags = torch.stack([((w < 0) | ~torch.isfinite(w)).any(), (w > 0).any()]).tolist()
-        bad, positive = flags
-    if bad:
-        wc = w.detach().cpu()
-        neg = (wc < 0).nonzero().flatten().tolist()
-        nf = (~torch.isfinite(wc)).nonzero().flatten().tolist()
-        if nf:
-            raise ValueError(f"{name}: non-finite weight(s) at client(s) {nf}: {wc[nf].tolist()}")
-        raise ValueError(f"{name}: negative weight(s) at client(s) {neg}: {wc[neg].tolist()}; weights must be >= 0")
-    if not positive and not allow_all_zero:
-        raise ValueError(f"{name}: all weights are zero; at least one client needs a positive weight")
+        code = int(weight_code(w))
+        bad, positive = code >= 2, code == 1
+    if bad or (not positive and not allow_all_zero):
+        weight_error(w, name, allow_all_zero)
 
 
 def prepare_weights(w: torch.Tensor, device: torch.device, name: str = "weights", checked: bool = False) -> torch.Tensor:
@@ -192,6 +217,54 @@ def prepare_weights(w: torch.Tensor, device: torch.device, name: str = "weights"
     if not checked:
         check_weight_values(w, name)
     return w.to(device).contiguous()
+
+
+# ---- scratch buffers of the checked aggregation ------------------------------------------------
+# ``finalize`` computes into a scratch buffer the size of ``g`` and copies it into ``g`` once the
+# flags are read. On the CPU a buffer above glibc's mmap threshold (32 MiB at most) is fresh memory
+# on every allocation: at P = 11M (45 MB) its page faults cost more than the aggregation itself. So
+# used buffers are kept, keyed by (device, stream, dtype, size). A call *takes* its buffer out of
+# the cache and puts it back when done, so two calls running at the same time (threads) never
+# share one; the back ends write every element of ``out`` in finalize mode, so nothing of an
+# earlier call's data can reach a result. Small CPU buffers are not kept (malloc serves them from
+# the heap faster than the cache). On CUDA the key holds the stream, so a buffer is only reused in
+# the stream order of its last use (and, evicted, freed to the stream it was allocated on); nothing
+# is cached while a graph is being captured.
+_SCRATCH: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_SCRATCH_MAX = 4                      # buffers kept
+_SCRATCH_MAX_BYTES = 512 << 20        # bytes kept, all buffers together
+_SCRATCH_MIN_CPU_BYTES = 1 << 20      # smaller CPU buffers are allocated per call
+_scratch_lock = threading.Lock()
+
+
+def take_scratch(g: torch.Tensor) -> tuple:
+    """(buffer like ``g``, cache key or None): a buffer for this call alone."""
+    dev = g.device
+    if dev.type == "cpu":
+        key = ("cpu", g.dtype, g.numel()) if g.numel() * g.element_size() >= _SCRATCH_MIN_CPU_BYTES else None
+    elif dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        key = ("cuda", dev.index, torch.cuda.current_stream(dev).cuda_stream, g.dtype, g.numel())
+    else:
+        key = None
+    buf = None
+    if key is not None:
+        with _scratch_lock:
+            buf = _SCRATCH.pop(key, None)
+    if buf is None:
+        buf = torch.empty_like(g, memory_format=torch.contiguous_format)
+    return buf, key
+
+
+def give_back_scratch(buf: torch.Tensor, key) -> None:
+    """Return a buffer from :func:`take_scratch` to the cache (oldest buffers go first when full)."""
+    if key is None:
+        return
+    with _scratch_lock:
+        _SCRATCH[key] = buf
+        total = sum(t.numel() * t.element_size() for t in _SCRATCH.values())
+        while _SCRATCH and (len(_SCRATCH) > _SCRATCH_MAX or total > _SCRATCH_MAX_BYTES):
+            _, old = _SCRATCH.popitem(last=False)
+            total -= old.numel() * old.element_size()
 
 
 class no_grad:
@@ -210,26 +283,35 @@ class no_grad:
         return False
 
 
+def nan_free(t: torch.Tensor) -> bool:
+    """True iff the floating tensor ``t`` holds no NaN: one reduction and one read (a NaN makes the
+    sum NaN; a NaN sum without NaN, from +inf and -inf, is settled by the exact elementwise test)."""
+    s = float(t.sum())
+    return s == s or not bool(torch.isnan(t).any())
+
+
+def nan_error(t: torch.Tensor, name: str) -> None:
+    idx = torch.isnan(t).nonzero().flatten()[:8].tolist()
+    raise ValueError(f"{name}: contains NaN (first at index {idx}); frequencies must be numbers")
+
+
 def check_no_nan(t: torch.Tensor, name: str) -> None:
-    if t.is_floating_point():
-        nan = torch.isnan(t)
-        if bool(nan.any()):
-            idx = nan.nonzero().flatten()[:8].tolist()
-            raise ValueError(f"{name}: contains NaN (first at index {idx}); frequencies must be numbers")
+    if t.is_floating_point() and not nan_free(t):
+        nan_error(t, name)
 
 
 def check_order_sizes(order: torch.Tensor, sizes: torch.Tensor) -> None:
+    """ValueError unless ``order`` is a permutation of 0..N-1 and every size lies in [0, N] (one
+    device -> host read on a GPU)."""
+    from .layout import _index_checks
+
     N = order.numel()
-    if N > 0:
-        lo, hi = order.min(), order.max()
-        counts = torch.bincount(order.clamp(0, max(N - 1, 0)), minlength=N)
-        ok = torch.stack([lo >= 0, hi < N, (counts == 1).all()]).tolist()
-        if not all(ok):
-            raise ValueError(f"order: not a permutation of 0..{N - 1}")
-    if sizes.numel() > 0:
-        if not bool(((sizes >= 0) & (sizes <= N)).all()):
-            bad = ((sizes < 0) | (sizes > N)).nonzero().flatten().tolist()
-            raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at {bad}")
+    perm_ok, sizes_ok, _, _ = _index_checks(order, sizes)
+    if not perm_ok:
+        raise ValueError(f"order: not a permutation of 0..{N - 1}")
+    if not sizes_ok:
+        bad = ((sizes < 0) | (sizes > N)).nonzero().flatten().tolist()
+        raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at {bad}")
 
 
 # ---- running an aggregation with the non-finite policy -----------------------------------------
@@ -243,58 +325,104 @@ def _check_policy(nonfinite: str) -> None:
 
 
 def finalize(kind: str, extra: tuple, g: torch.Tensor, rows: list, weights: torch.Tensor, backend: str,
-             nonfinite: str, arg: str = "deltas", weights_checked: bool = False) -> torch.Tensor:
+             nonfinite: str, arg: str = "deltas", weights_checked: bool = False,
+             dropped: Optional[list] = None) -> torch.Tensor:
     """Run ``kind`` (dense / structured / compact) in finalize mode into ``g``; returns int32 flags [K].
 
     ``raise``: compute into a scratch buffer, raise naming the flagged clients (``g`` untouched) or
     copy the result into ``g``. ``drop``: re-run with the flagged clients' weights set to zero.
-    ``assume_finite``: write ``g`` in place directly. The returned flags mark dropped clients.
+    ``assume_finite``: write ``g`` in place directly. The returned flags mark dropped clients;
+    ``dropped`` (a list, optional) receives their indices as read from the flags (no further read).
+
+    Device -> host reads: at most one per call. Unchecked weights (a tensor) are checked where they
+    live: on the CPU at once; on a GPU by one reduction (:func:`weight_code`) whose result is read
+    together with the flags (``raise`` / ``drop``: the scratch result is discarded when the weights
+    are invalid, ``g`` is untouched) or, for ``assume_finite``, before ``g`` is written.
     """
     _check_policy(nonfinite)
     device = g.device
     mod = resolve(backend or None, device)
-    weights = prepare_weights(weights, device, checked=weights_checked)
     K, P = len(rows), g.numel()
+    w = weights if weights.dtype == torch.float32 else weights.to(torch.float32)
+    batched = _layout.one_transfer(device)
+    defer = not weights_checked and P > 0 and nonfinite != "assume_finite" and _layout.one_transfer(w.device)
+    if not weights_checked and not defer:
+        check_weight_values(w)
+    if w.device != device:
+        w = w.to(device)
+    if not w.is_contiguous():
+        w = w.contiguous()
     flags = torch.zeros(K, dtype=torch.int32, device=device)
     if P == 0:
         return flags
     with no_grad(), device_guard(device):
         if nonfinite == "assume_finite":
-            call(mod, kind, Accum(rows, weights, flags, P, out=g, g=g), extra)
+            call(mod, kind, Accum(rows, w, flags, P, out=g, g=g), extra)
             return flags
-        out = torch.empty_like(g)
-        call(mod, kind, Accum(rows, weights, flags, P, out=out, g=g), extra)
-        bad = flags.nonzero().flatten().tolist()
-        if bad:
-            if nonfinite == "raise":
-                raise ValueError(f"{arg}: non-finite values (NaN/Inf) on active elements of client(s) {bad}; "
-                                 f"global_params is unchanged (nonfinite='drop' excludes such clients)")
-            w2 = weights.clone()
-            w2[bad] = 0
-            if not bool((w2 > 0).any()):
-                raise ValueError(f"{arg}: every client with a positive weight has non-finite values "
-                                 f"(client(s) {bad}); nothing left to aggregate, global_params is unchanged")
-            call(mod, kind, Accum(rows, w2, torch.zeros_like(flags), P, out=out, g=g), extra)
-        g.copy_(out)
+        drop = nonfinite == "drop"
+        out, key = take_scratch(g)
+        try:
+            try:
+                call(mod, kind, Accum(rows, w, flags, P, out=out, g=g), extra)
+            except Exception:
+                if defer:  # a back end that checks weights itself: report them as the API does
+                    check_weight_values(w)
+                raise
+            if not batched and not defer:
+                host = flags.tolist()
+            else:  # the call's one device -> host read: flags [, weight code] [, a survivor exists]
+                parts = [flags]
+                if defer:
+                    parts.append(weight_code(w).view(1))
+                if drop and batched:
+                    parts.append(((flags == 0) & (w > 0)).any().to(torch.int32).view(1))
+                host = (torch.cat(parts) if len(parts) > 1 else flags).tolist()
+            if defer and host[K] != 1:
+                weight_error(w)
+            bad = [k for k in range(K) if host[k]]
+            if bad:
+                if not drop:
+                    raise ValueError(f"{arg}: non-finite values (NaN/Inf) on active elements of client(s) {bad}; "
+                                     f"global_params is unchanged (nonfinite='drop' excludes such clients)")
+                if batched:
+                    alive = bool(host[-1])
+                else:
+                    alive = any(v > 0.0 for k, v in enumerate(w.tolist()) if not host[k])
+                if not alive:
+                    raise ValueError(f"{arg}: every client with a positive weight has non-finite values "
+                                     f"(client(s) {bad}); nothing left to aggregate, global_params is unchanged")
+                w2 = w.masked_fill(flags != 0, 0.0)
+                call(mod, kind, Accum(rows, w2, torch.zeros_like(flags), P, out=out, g=g), extra)
+            g.copy_(out)
+        finally:
+            give_back_scratch(out, key)
+    if dropped is not None:
+        dropped.extend(bad)
     return flags
 
 
 # ---- the non-aggregation ops ------------------------------------------------------------------
-def frequency_update(freq, masks, rank, sizes, backend: str) -> None:
-    check_no_nan(freq, "freq")
+def frequency_update(freq, masks, rank, sizes, backend: str, checked: bool = False) -> None:
+    """``checked``: the caller has already found ``freq`` free of NaN."""
+    if not checked:
+        check_no_nan(freq, "freq")
     mod = resolve(backend or None, freq.device)
     with no_grad(), device_guard(freq.device):
         mod.frequency_update(freq, masks, rank, sizes)
 
 
 def stable_argsort(freq: torch.Tensor, backend: str) -> torch.Tensor:
-    check_no_nan(freq, "freq")
+    if freq.is_floating_point():
+        keys = torch.add(freq, 0.0)  # -0.0 -> +0.0: one key for both zeros (a new contiguous tensor)
+        if not nan_free(keys):       # the NaN check reads the keys, not freq: one pass saved
+            nan_error(keys, "freq")
+    else:
+        keys = freq
     mod = resolve(backend or None, freq.device)
     if freq.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=freq.device)
-    keys = freq + 0 if freq.is_floating_point() else freq  # -0.0 -> +0.0: one key for both zeros
     with no_grad(), device_guard(freq.device):
-        return mod.stable_argsort(keys.contiguous())
+        return mod.stable_argsort(keys if keys.is_contiguous() else keys.contiguous())
 
 
 def nested_masks(order: torch.Tensor, sizes: torch.Tensor, backend: str) -> torch.Tensor:

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 
 from . import _dispatch, library
+from . import layout as _layout
+from .backends import StackedRows
 from .layout import CompactTables, NestedMasks, NeuronLayout
 
 __all__ = [
@@ -73,8 +75,9 @@ def check_report(report) -> None:
         raise TypeError(f"report: expected a dict or None, got {type(report).__name__}")
 
 
-def rows_of(deltas, name: str, P: Optional[int], device: torch.device, lengths=None) -> list:
-    """K contiguous 1-D rows of one update dtype on ``device``; [K, P] tensors give views.
+def rows_of(deltas, name: str, P: Optional[int], device: torch.device, lengths=None):
+    """K contiguous 1-D rows of one update dtype on ``device``: a list, or for a [K, P] tensor a
+    :class:`~fedrac_kernels.backends.StackedRows` (a sequence of its rows, views made on demand).
 
     ``P``: every row's length (dense); ``lengths``: per-row lengths (compact uploads) instead.
     """
@@ -95,9 +98,7 @@ def rows_of(deltas, name: str, P: Optional[int], device: torch.device, lengths=N
                                  f"expected lengths {list(lengths)}")
         elif deltas.shape[1] != P:
             raise ValueError(f"{name}: expected shape [K, P={P}], got {tuple(deltas.shape)}")
-        if deltas.shape[1] > 1 and deltas.stride(1) != 1:
-            deltas = deltas.contiguous()
-        return list(deltas.unbind(0))
+        return StackedRows(deltas)  # rows made contiguous; their views only when someone needs them
     if not isinstance(deltas, (list, tuple)):
         raise TypeError(f"{name}: expected a 2-D tensor [K, P] or a list of K 1-D tensors, got {type(deltas).__name__}")
     if len(deltas) == 0:
@@ -243,6 +244,13 @@ def neuron_masks_of(neuron_masks, K: Optional[int], N: int, device: torch.device
     return neuron_masks.contiguous(), None, None
 
 
+def use_ops_rows(g: torch.Tensor, rows) -> bool:
+    """:func:`library.use_ops` for ``g`` and the rows (a [K, L] tensor's rows have its type)."""
+    if isinstance(rows, StackedRows):
+        return library.use_ops(g, rows.base)
+    return library.use_ops(g, *rows)
+
+
 def check_no_alias(g: torch.Tensor, rows: list, name: str) -> None:
     """ValueError when an input row overlaps ``g`` (the in-place update would read its own output).
 
@@ -253,6 +261,14 @@ def check_no_alias(g: torch.Tensor, rows: list, name: str) -> None:
         return
     glo = g.data_ptr()
     ghi = glo + g.numel() * g.element_size()
+    if isinstance(rows, StackedRows):  # one test for the whole [K, L] span; the rows only if it overlaps
+        b = rows.base
+        if b.numel() == 0 or b.untyped_storage().data_ptr() != gs:
+            return
+        lo = b.data_ptr()
+        hi = lo + ((b.shape[0] - 1) * b.stride(0) + b.shape[1]) * b.element_size()
+        if not (lo < ghi and glo < hi):
+            return
     for k, r in enumerate(rows):
         try:
             if r.untyped_storage().data_ptr() != gs:
@@ -265,11 +281,14 @@ def check_no_alias(g: torch.Tensor, rows: list, name: str) -> None:
             raise ValueError(f"{name}: entry {k} overlaps global_params in memory; pass a separate buffer")
 
 
-def after_aggregation(flags: torch.Tensor, nonfinite: str, report, what: str) -> None:
-    """Warn about and report dropped clients (``nonfinite="drop"``)."""
-    dropped = []
-    if nonfinite == "drop":
+def after_aggregation(flags: torch.Tensor, nonfinite: str, report, what: str, dropped: Optional[list] = None) -> None:
+    """Warn about and report dropped clients (``nonfinite="drop"``). ``dropped``: their indices as
+    the eager path already read them (else they are read from ``flags``)."""
+    if nonfinite != "drop":
+        dropped = []
+    elif dropped is None:
         dropped = flags.nonzero().flatten().tolist()
+    if nonfinite == "drop":
         if dropped:
             warnings.warn(f"{what}: dropped client(s) {dropped}: non-finite values on active elements",
                           RuntimeWarning, stacklevel=3)
@@ -342,19 +361,21 @@ def masked_mean_update_(global_params: torch.Tensor, deltas, *, weights=None, ma
     P, dev = g.numel(), g.device
     rows = rows_of(deltas, "deltas", P, dev)
     K = len(rows)
-    ops = library.use_ops(g, *rows)
+    ops = use_ops_rows(g, rows)
     w, checked = weights_of(weights, K, dev, tracing=ops)
     m = masks_of(masks, K, P, dev)
     check_backend_arg(backend)
     check_nonfinite(nonfinite)
     check_report(report)
+    dropped = None
     if ops:
-        flags = torch.ops.fedrac.masked_mean_update_(g, rows, w, m, backend or "", nonfinite)
+        flags = torch.ops.fedrac.masked_mean_update_(g, list(rows), w, m, backend or "", nonfinite)
     else:
         check_no_alias(g, rows, "deltas")
+        dropped = []
         flags = _dispatch.finalize("dense", (m or None,), g, rows, w, backend or "", nonfinite,
-                                   weights_checked=checked)
-    after_aggregation(flags, nonfinite, report, "masked_mean_update_")
+                                   weights_checked=checked, dropped=dropped)
+    after_aggregation(flags, nonfinite, report, "masked_mean_update_", dropped)
     return global_params
 
 
@@ -394,7 +415,7 @@ def structured_mean_update_(global_params: torch.Tensor, deltas, layout: NeuronL
     check_layout(layout, P)
     rows = rows_of(deltas, "deltas", P, dev)
     K = len(rows)
-    ops = library.use_ops(g, *rows)
+    ops = use_ops_rows(g, rows)
     w, checked = weights_of(weights, K, dev, tracing=ops)
     nm, rank, sizes = neuron_masks_of(neuron_masks, K, layout.N, dev)
     if rule not in RULES:
@@ -404,14 +425,16 @@ def structured_mean_update_(global_params: torch.Tensor, deltas, layout: NeuronL
     check_report(report)
     segs = layout.segment_table(dev)
     nonzero = rule == "nonzero"
+    dropped = None
     if ops:
-        flags = torch.ops.fedrac.structured_mean_update_(g, rows, w, segs, layout.N, nm, rank, sizes, nonzero,
+        flags = torch.ops.fedrac.structured_mean_update_(g, list(rows), w, segs, layout.N, nm, rank, sizes, nonzero,
                                                          backend or "", nonfinite)
     else:
         check_no_alias(g, rows, "deltas")
+        dropped = []
         flags = _dispatch.finalize("structured", (segs, layout.N, nm, rank, sizes, nonzero), g, rows, w,
-                                   backend or "", nonfinite, weights_checked=checked)
-    after_aggregation(flags, nonfinite, report, "structured_mean_update_")
+                                   backend or "", nonfinite, weights_checked=checked, dropped=dropped)
+    after_aggregation(flags, nonfinite, report, "structured_mean_update_", dropped)
     return global_params
 
 
@@ -495,20 +518,23 @@ def compact_mean_update_(global_params: torch.Tensor, uploads, layout: NeuronLay
     K = len(rows)
     if K != tables.K:
         raise ValueError(f"uploads: {K} uploads, but kept describes {tables.K} clients")
-    ops = library.use_ops(g, *rows)
+    ops = use_ops_rows(g, rows)
     w, checked = weights_of(weights, K, dev, tracing=ops)
     check_backend_arg(backend)
     check_nonfinite(nonfinite)
     check_report(report)
     segs = layout.segment_table(dev)
+    dropped = None
     if ops:
-        flags = torch.ops.fedrac.compact_mean_update_(g, rows, w, segs, layout.N, tables.inv, tables.seg_off,
+        flags = torch.ops.fedrac.compact_mean_update_(g, list(rows), w, segs, layout.N, tables.inv, tables.seg_off,
                                                       tables.seg_cols, backend or "", nonfinite)
     else:
         check_no_alias(g, rows, "uploads")
+        dropped = []
         flags = _dispatch.finalize("compact", (segs, layout.N, tables.inv, tables.seg_off, tables.seg_cols),
-                                   g, rows, w, backend or "", nonfinite, arg="uploads", weights_checked=checked)
-    after_aggregation(flags, nonfinite, report, "compact_mean_update_")
+                                   g, rows, w, backend or "", nonfinite, arg="uploads", weights_checked=checked,
+                                   dropped=dropped)
+    after_aggregation(flags, nonfinite, report, "compact_mean_update_", dropped)
     return global_params
 
 
@@ -549,6 +575,7 @@ def frequency_update_(freq: torch.Tensor, masks=None, *, order=None, sizes=None,
     N, dev = f.numel(), f.device
     if not f.is_contiguous():
         raise ValueError("freq: must be contiguous (it is updated in place)")
+    freq_ok = False
     if masks is not None and (order is not None or sizes is not None):
         raise ValueError("masks: give either masks or order and sizes, not both")
     if masks is None:
@@ -558,7 +585,14 @@ def frequency_update_(freq: torch.Tensor, masks=None, *, order=None, sizes=None,
             raise ValueError(f"order: on {order.device}, but freq is on {dev}")
         if isinstance(sizes, torch.Tensor) and sizes.device != dev:
             raise ValueError(f"sizes: on {sizes.device}, but freq is on {dev}")
-        masks = NestedMasks(order, sizes)
+        # on a GPU the NaN test of freq is read with the order/sizes checks: one device -> host read
+        extra = ()
+        if f.is_floating_point() and _layout.one_transfer(dev):
+            total = f.sum()
+            extra = (total == total,)
+        masks = object.__new__(NestedMasks)
+        more = masks._build(order, sizes, extra)
+        freq_ok = bool(more) and bool(more[0])
         if masks.N != N:
             raise ValueError(f"order: has N={masks.N} entries, but freq has {N}")
     if isinstance(masks, NestedMasks):
@@ -574,7 +608,7 @@ def frequency_update_(freq: torch.Tensor, masks=None, *, order=None, sizes=None,
     if library.use_ops(f):
         torch.ops.fedrac.frequency_update_(f, m, rank, sz, backend or "")
     else:
-        _dispatch.frequency_update(f, m, rank, sz, backend or "")
+        _dispatch.frequency_update(f, m, rank, sz, backend or "", checked=freq_ok)
     return freq
 
 

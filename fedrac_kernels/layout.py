@@ -145,19 +145,25 @@ class NestedMasks:
     __slots__ = ("order", "rank", "sizes")
 
     def __init__(self, order, sizes):
+        self._build(order, sizes)
+
+    def _build(self, order, sizes, extra: tuple = ()) -> list:
+        """Check and store ``order``/``sizes``; ``extra``: further 0-dim bool device tensors to read
+        in the same device -> host transfer (their values are returned, the caller raises)."""
         order = _as_index_tensor(order, "order")
         sizes_t = _as_index_tensor(sizes, "sizes", device=order.device)
         N = order.numel()
-        rank = _rank_of_permutation(order, "order")
-        if sizes_t.numel() > 0:
-            lo, hi = int(sizes_t.min()), int(sizes_t.max())
-            if lo < 0 or hi > N:
-                bad = ((sizes_t < 0) | (sizes_t > N)).nonzero().flatten().tolist()
-                raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at client(s) {bad}: "
-                                 f"{sizes_t[bad].tolist()}")
+        perm_ok, sizes_ok, more, rank = _index_checks(order, sizes_t, extra)
+        if not perm_ok:
+            _permutation_error(order, "order")
+        if not sizes_ok:
+            bad = ((sizes_t < 0) | (sizes_t > N)).nonzero().flatten().tolist()
+            raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at client(s) {bad}: "
+                             f"{sizes_t[bad].tolist()}")
         self.order = order.contiguous()
         self.rank = rank
         self.sizes = sizes_t.to(torch.int32).contiguous()
+        return more
 
     @classmethod
     def _trusted(cls, order, rank, sizes) -> "NestedMasks":
@@ -196,21 +202,87 @@ class NestedMasks:
         return f"NestedMasks(K={self.K}, N={self.N}, sizes={self.sizes.tolist() if self.K <= 16 else '...'})"
 
 
-def _rank_of_permutation(order: torch.Tensor, name: str) -> torch.Tensor:
-    """int32 rank with ``rank[order[j]] = j``; ValueError naming ``name`` if order is no permutation."""
+def one_transfer(device: torch.device) -> bool:
+    """How the value checks read their results: True (GPUs and other accelerators): stack them and
+    read them in ONE device -> host transfer per call; False (CPU, where a read costs nothing): read
+    them one by one, with fewer ops. (Tests force True to run the batched path on the CPU.)"""
+    return device.type != "cpu"
+
+
+_ARANGE: dict = {}
+
+
+def _arange_i32(N: int, device: torch.device) -> torch.Tensor:
+    """0..N-1 as int32 on ``device``; on the CPU cached (a read-only source, never handed out; not
+    on GPUs, where a cached tensor could be read on another stream before it is written)."""
+    if device.type != "cpu":
+        return torch.arange(N, dtype=torch.int32, device=device)
+    t = _ARANGE.get(N)
+    if t is None:
+        if len(_ARANGE) >= 16:
+            _ARANGE.clear()
+        t = _ARANGE[N] = torch.arange(N, dtype=torch.int32)
+    return t
+
+
+def _index_checks(order: torch.Tensor, sizes: Optional[torch.Tensor] = None, extra: tuple = ()) -> tuple:
+    """(``order`` is a permutation of 0..N-1, every size lies in [0, N], [values of ``extra``],
+    int32 rank with ``rank[order[j]] = j`` when ``order`` is a permutation).
+
+    The permutation test builds the rank: ``rank`` starts at -1 and gets ``j`` at ``order[j]``; N
+    values in [0, N-1] leave no -1 behind iff none repeats. CPU: the few reductions are read one by
+    one (cheapest there). Other devices: the conditions are stacked and read in ONE device -> host
+    transfer, ``extra`` (0-dim bool tensors) included."""
     N = order.numel()
+    dev = order.device
+    has_sizes = sizes is not None and sizes.numel() > 0
+    rank = torch.full((N,), -1, dtype=torch.int32, device=dev)
+    if not one_transfer(dev):
+        perm_ok = True
+        if N > 0:
+            lo, hi = torch.aminmax(order)
+            perm_ok = int(lo) >= 0 and int(hi) < N
+            if perm_ok:
+                rank.scatter_(0, order, _arange_i32(N, dev))
+                perm_ok = int(rank.min()) >= 0
+        sizes_ok = True
+        if has_sizes:
+            if sizes.numel() <= 4096:  # a few values: reading them beats a reduction
+                vals = sizes.tolist()
+                lo, hi = min(vals), max(vals)
+            else:
+                lo, hi = (int(v) for v in torch.aminmax(sizes))
+            sizes_ok = lo >= 0 and hi <= N
+        return perm_ok, sizes_ok, [bool(e) for e in extra], rank
+    conds = []
     if N > 0:
-        lo, hi = int(order.min()), int(order.max())
-        if lo < 0 or hi >= N:
-            raise ValueError(f"{name}: not a permutation of 0..{N - 1}: values must lie in [0, {N - 1}], "
-                             f"found {lo if lo < 0 else hi}")
-        counts = torch.bincount(order, minlength=N)
-        if bool((counts != 1).any()):
-            dup = (counts > 1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"{name}: not a permutation of 0..{N - 1}: value(s) {dup} repeated")
-    rank = torch.empty(N, dtype=torch.int32, device=order.device)
-    rank[order] = torch.arange(N, dtype=torch.int32, device=order.device)
-    return rank
+        lo, hi = torch.aminmax(order)
+        rank.scatter_(0, order.clamp(0, N - 1), _arange_i32(N, dev))
+        conds.append((lo >= 0) & (hi < N) & (rank.amin() >= 0))
+    if has_sizes:
+        lo, hi = torch.aminmax(sizes)
+        conds.append((lo >= 0) & (hi <= N))
+    conds += [e.to(device=dev, dtype=torch.bool).reshape(()) for e in extra]
+    vals = torch.stack(conds).tolist() if conds else []
+    i = 0
+    perm_ok = sizes_ok = True
+    if N > 0:
+        perm_ok, i = vals[0], 1
+    if has_sizes:
+        sizes_ok, i = vals[i], i + 1
+    return perm_ok, sizes_ok, vals[i:], rank
+
+
+def _permutation_error(order: torch.Tensor, name: str) -> None:
+    """Raise the ValueError saying how ``order`` fails to be a permutation (error path: reads it)."""
+    o = order.detach().cpu()
+    N = o.numel()
+    lo, hi = int(o.min()), int(o.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"{name}: not a permutation of 0..{N - 1}: values must lie in [0, {N - 1}], "
+                         f"found {lo if lo < 0 else hi}")
+    dup = (torch.bincount(o, minlength=N) > 1).nonzero().flatten()[:5].tolist()
+    raise ValueError(f"{name}: not a permutation of 0..{N - 1}: value(s) {dup} repeated")
 
 
 class NeuronLayout:

@@ -635,3 +635,274 @@ def test_bind_flat_then_update_moves_module(gen):
         fk.masked_mean_update_(flat, d)
     assert torch.equal(flat, want)
     assert torch.equal(net[0].weight.detach().reshape(-1), want[:12])
+
+
+# ------------------------------------------------------------ per-call caches and device reads
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 values as their int32 bit patterns (torch.equal on these also tells -0.0 from 0.0)."""
+    return t.detach().cpu().contiguous().view(torch.int32)
+
+
+@pytest.fixture
+def scratch_always(monkeypatch):
+    """Every checked aggregation takes its scratch buffer from the cache (not only P >= 256K on the
+    CPU); the cache starts and ends empty."""
+    monkeypatch.setattr(_dispatch, "_SCRATCH_MIN_CPU_BYTES", 0)
+    _dispatch._SCRATCH.clear()
+    yield _dispatch._SCRATCH
+    _dispatch._SCRATCH.clear()
+
+
+def poison(cache) -> None:
+    """Fill every kept scratch buffer with NaN: a result may only come from its own call's writes."""
+    for buf in cache.values():
+        buf.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scratch_cache_never_leaks_between_calls(backend, gen, scratch_always):
+    """Interleaved sizes and dtypes, a NaN call before each clean one, the dense, structured and
+    compact ops sharing one buffer: every result equals the scratch-free assume_finite result bit for
+    bit, every failed call leaves global_params as it was."""
+    dev = dev_of(backend)
+    lay = mlp_layout()
+    K = 3
+    sizes = (61, 127) if small(backend) else (1009, lay.P, 4099)  # the interpreter: dense only
+    cases = []
+    for P, dtype in zip(sizes + sizes[::-1], DTYPES * 2):
+        d = rand_deltas(gen, K, P, dtype, dead_cols=range(0, P, 7)).to(dev)  # den = 0 there: out = g
+        w = rand_weights(gen, K, zeros=False).to(dev)
+        g0 = torch.randn(P, generator=gen).to(dev)
+        want = g0.clone()
+        fk.masked_mean_update_(want, d, weights=w, backend=backend, nonfinite="assume_finite")
+        cases.append(("dense", g0, d, w, want))
+        if P == lay.P:  # structured and compact on the same buffer size as the dense call
+            nm = rand_neuron_masks(gen, K, lay.N).to(dev)
+            want_s = g0.clone()
+            fk.structured_mean_update_(want_s, d, lay, nm, weights=w, backend=backend, nonfinite="assume_finite")
+            cases.append(("structured", g0, (d, lay, nm), w, want_s))
+            ups = fk.compact_pack(d, lay, nm)
+            want_c = g0.clone()
+            fk.compact_mean_update_(want_c, ups, lay, nm, weights=w, backend=backend, nonfinite="assume_finite")
+            cases.append(("compact", g0, (ups, lay, nm), w, want_c))
+
+    def run(kind, g, args, w, nonfinite="raise"):
+        if kind == "dense":
+            fk.masked_mean_update_(g, args, weights=w, backend=backend, nonfinite=nonfinite)
+        elif kind == "structured":
+            fk.structured_mean_update_(g, *args, weights=w, backend=backend, nonfinite=nonfinite)
+        else:
+            fk.compact_mean_update_(g, *args, weights=w, backend=backend, nonfinite=nonfinite)
+
+    def with_nan(kind, args):
+        if kind == "compact":
+            ups = [u.clone() for u in args[0]]
+            ups[1][0] = float("nan")
+            return (ups,) + args[1:]
+        d = (args if kind == "dense" else args[0]).clone()
+        d[1] = float("nan")  # every element: active under any mask that leaves client 1 something
+        return d if kind == "dense" else (d,) + args[1:]
+
+    for _ in range(1 if small(backend) else 2):
+        for kind, g0, args, w, want in cases:
+            poison(scratch_always)
+            g = g0.clone()
+            with pytest.raises(ValueError, match=r"^(deltas|uploads): non-finite values"):
+                run(kind, g, with_nan(kind, args), w)
+            assert torch.equal(bits(g), bits(g0)), kind
+            poison(scratch_always)
+            run(kind, g, args, w)
+            assert torch.equal(bits(g), bits(want)), kind
+            g = g0.clone()
+            poison(scratch_always)
+            with pytest.warns(RuntimeWarning, match=r"dropped client\(s\) \[1\]"):
+                run(kind, g, with_nan(kind, args), w, nonfinite="drop")
+            w1 = w.clone()
+            w1[1] = 0
+            want1 = g0.clone()
+            run(kind, want1, args, w1, nonfinite="assume_finite")
+            assert torch.equal(bits(g), bits(want1)), kind
+    assert 0 < len(scratch_always) <= _dispatch._SCRATCH_MAX
+
+
+def test_scratch_cache_is_bounded_and_never_hands_out_a_buffer_twice(scratch_always):
+    g = torch.zeros(10)
+    a, ka = _dispatch.take_scratch(g)
+    b, kb = _dispatch.take_scratch(g)  # a second call while the first still holds its buffer
+    assert ka == kb and a.data_ptr() != b.data_ptr()
+    _dispatch.give_back_scratch(a, ka)
+    c, _ = _dispatch.take_scratch(g)
+    assert c is a and len(scratch_always) == 0  # taken out again: nobody else can get it now
+    _dispatch.give_back_scratch(c, ka)
+    for P in range(1, 3 * _dispatch._SCRATCH_MAX):
+        _dispatch.give_back_scratch(*_dispatch.take_scratch(torch.zeros(P)))
+    assert len(scratch_always) == _dispatch._SCRATCH_MAX
+    big = torch.zeros(1)
+    big_buf = torch.empty((_dispatch._SCRATCH_MAX_BYTES // 4) + 1)
+    _dispatch.give_back_scratch(big_buf, ("cpu", big.dtype, big_buf.numel()))
+    assert all(t is not big_buf for t in scratch_always.values())  # over the byte budget: not kept
+
+
+def test_scratch_cache_threads(gen, scratch_always):
+    """Concurrent calls of one size (the cpu back end releases the GIL) each get their own buffer."""
+    import threading
+
+    P, K = 65537, 4
+    jobs = []
+    for _ in range(4):
+        d = rand_deltas(gen, K, P)
+        g0 = torch.randn(P, generator=gen)
+        want = g0.clone()
+        fk.masked_mean_update_(want, d, nonfinite="assume_finite")
+        jobs.append((g0, d, want))
+    errors = []
+
+    def work(g0, d, want):
+        for _ in range(25):
+            g = g0.clone()
+            fk.masked_mean_update_(g, d)
+            if not torch.equal(bits(g), bits(want)):
+                errors.append("wrong result")
+
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_stacked_rows_alias_and_addresses(gen):
+    from fedrac_kernels.api import rows_of
+    from fedrac_kernels.backends import StackedRows
+
+    P = 33
+    big = torch.randn(4, P, generator=gen)
+    rows = rows_of(big, "deltas", P, big.device)
+    assert isinstance(rows, StackedRows) and len(rows) == 4
+    assert rows.row_addresses() == [big[k].data_ptr() for k in range(4)] == [r.data_ptr() for r in rows]
+    g0 = big[1].clone()
+    with pytest.raises(ValueError, match=r"^deltas: entry 1 overlaps global_params"):
+        fk.masked_mean_update_(big[1], big)
+    assert torch.equal(big[1], g0)
+    # same storage, disjoint memory: allowed, and equal to the call on a separate buffer
+    want = big[3].clone()
+    fk.masked_mean_update_(want, big[:3].clone())
+    fk.masked_mean_update_(big[3], big[:3])
+    assert torch.equal(big[3], want)
+
+
+@pytest.fixture
+def device_reads(monkeypatch):
+    """Send the value checks down their accelerator path (one batched read) on CPU tensors, and
+    count every device -> host read a call makes (``tolist``, ``item``, ``bool``/``int``/``float``
+    of a tensor, ``nonzero``, ``cpu``): on a GPU each is a synchronisation."""
+    from fedrac_kernels import layout as layout_mod
+
+    monkeypatch.setattr(layout_mod, "one_transfer", lambda device: True)
+    count = [0]
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **kw):
+            count[0] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="counts the wrapper's reads around the cpu back end")
+def test_one_device_read_per_call(gen, device_reads):
+    K, P = 4, 149
+    lay = mlp_layout()
+    d = rand_deltas(gen, K, P)
+    w = rand_weights(gen, K, zeros=False)
+    nest = rand_nested(gen, K, lay.N)
+    calls = {
+        "masked, tensor weights": lambda: fk.masked_mean_update_(torch.zeros(P), d, weights=w),
+        "masked, no weights": lambda: fk.masked_mean_update_(torch.zeros(P), d),
+        "masked, assume_finite": lambda: fk.masked_mean_update_(torch.zeros(P), d, weights=w,
+                                                                nonfinite="assume_finite"),
+        "masked, drop": lambda: fk.masked_mean_update_(torch.zeros(P), d, weights=w, nonfinite="drop"),
+        "structured, nested": lambda: fk.structured_mean_update_(torch.zeros(P), d, lay, nest, weights=w),
+        "frequency, order+sizes": lambda: fk.frequency_update_(torch.zeros(lay.N), order=nest.order,
+                                                               sizes=nest.sizes),
+        "frequency, masks": lambda: fk.frequency_update_(torch.zeros(lay.N), nest.dense()),
+        "frequency, int": lambda: fk.frequency_update_(torch.zeros(lay.N, dtype=torch.int64), order=nest.order,
+                                                       sizes=nest.sizes),
+        "order": lambda: fk.lowest_frequency_order(torch.randn(lay.N, generator=gen)),
+        "nested_masks": lambda: fk.nested_masks(nest.order, nest.sizes),
+    }
+    for name, fn in calls.items():
+        fn()  # warm: back-end choice, tables
+        device_reads[0] = 0
+        fn()
+        assert device_reads[0] <= 1, (name, device_reads[0])
+    # the drop path: flags, weight check and "anyone left" in the same single read
+    bad = d.clone()
+    bad[2, 0] = float("nan")
+    device_reads[0] = 0
+    with pytest.warns(RuntimeWarning, match=r"\[2\]"):
+        fk.masked_mean_update_(torch.zeros(P), bad, weights=w, nonfinite="drop")
+    assert device_reads[0] == 1
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("nonfinite", ["raise", "drop", "assume_finite"])
+def test_weight_tensor_errors_leave_global_params(gen, monkeypatch, backend, batched, nonfinite):
+    """Bad weight tensors raise with global_params untouched on both read paths (the batched one
+    computes into the scratch buffer before it reads the weight check; the cpu back end checks
+    weights itself, and its error is replaced by the API's)."""
+    from fedrac_kernels import layout as layout_mod
+
+    dev = dev_of(backend)
+    if batched:
+        monkeypatch.setattr(layout_mod, "one_transfer", lambda device: True)
+    K, P = 3, 50
+    d = rand_deltas(gen, K, P).to(dev)
+    d[0, 1] = float("nan")  # a non-finite client too: the weight error is reported first
+    g0 = torch.randn(P, generator=gen).to(dev)
+    for w, match in ((torch.tensor([1.0, float("nan"), 1.0]), r"^weights: non-finite weight\(s\) at client\(s\) \[1\]"),
+                     (torch.tensor([1.0, -2.0, 1.0]), r"^weights: negative weight\(s\) at client\(s\) \[1\]"),
+                     (torch.zeros(3), r"^weights: all weights are zero"),
+                     (torch.tensor([1.0, float("inf"), 1.0]), r"^weights: non-finite")):
+        g = g0.clone()
+        with pytest.raises(ValueError, match=match):
+            fk.masked_mean_update_(g, d, weights=w.to(dev), backend=backend, nonfinite=nonfinite)
+        assert torch.equal(bits(g), bits(g0))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_index_and_nan_checks_on_both_read_paths(monkeypatch, batched):
+    from fedrac_kernels import layout as layout_mod
+
+    if batched:
+        monkeypatch.setattr(layout_mod, "one_transfer", lambda device: True)
+    f0 = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    for kw, match in ((dict(order=[0, 1, 1, 3], sizes=[1]), r"^order: not a permutation of 0..3: value\(s\) \[1\]"),
+                      (dict(order=[0, 1, 2, 4], sizes=[1]), r"^order: not a permutation .* found 4"),
+                      (dict(order=[0, -1, 2, 3], sizes=[1]), r"^order: not a permutation .* found -1"),
+                      (dict(order=[3, 2, 1, 0], sizes=[5, 1]), r"^sizes: every size must lie in \[0, N=4\]; .*\[0\]"),
+                      (dict(order=[3, 2, 1, 0], sizes=[-1]), r"^sizes: every size")):
+        f = f0.clone()
+        with pytest.raises(ValueError, match=match):
+            fk.frequency_update_(f, **kw)
+        assert torch.equal(f, f0)
+    f = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"^freq: contains NaN \(first at index \[1\]\)"):
+        fk.frequency_update_(f, order=[3, 2, 1, 0], sizes=[2])
+    assert torch.equal(f[[0, 2, 3]], torch.tensor([1.0, 0.0, 0.0]))
+    f = torch.tensor([float("inf"), -float("inf"), 0.0])  # a NaN sum without a NaN
+    fk.frequency_update_(f, order=[2, 1, 0], sizes=[1])
+    assert f.tolist() == [float("inf"), -float("inf"), 1.0]
+    assert fk.lowest_frequency_order(f).tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match=r"^freq: contains NaN"):
+        fk.lowest_frequency_order(torch.tensor([0.0, float("nan")]))
+    assert fk.nested_masks([2, 0, 1], [0, 3, 1]).tolist() == [[False] * 3, [True] * 3, [False, False, True]]
+    for order, sizes, match in (([0, 0, 1], [1], r"^order: not a permutation"), ([0, 1, 2], [4], r"^sizes: every size")):
+        with pytest.raises(ValueError, match=match):
+            fk.nested_masks(order, sizes)
+    assert torch.equal(NestedMasks([2, 0, 1], [1, 3]).rank, torch.tensor([1, 2, 0], dtype=torch.int32))

@@ -21,6 +21,9 @@ Tensor conventions (all on one device, all contiguous):
 
 * ``acc.rows``: list of K 1-D tensors of one dtype in {float32, bfloat16, float16}. Dense and
   structured: each of length ``acc.P``. Compact: each client's concatenated compact values.
+  Updates given as one [K, L] tensor arrive as a :class:`StackedRows` instead: a sequence of the
+  same K rows (indexing or iterating makes the views), whose ``base`` / ``row_addresses()`` let a
+  native back end take the row addresses without building K tensor views.
 * ``acc.weights``: float32 [K], every value >= 0. A client with weight 0 is skipped entirely
   (its row is never read), so a dropped client may hold NaN.
 * ``acc.flags``: int32 [K], zeroed by the caller; a back end sets ``flags[k] = 1`` when client k
@@ -51,6 +54,7 @@ Tensor conventions (all on one device, all contiguous):
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,6 +73,44 @@ _MODULES = {
 #: ABI codes of csrc/include/fedrac_kernels.h (FK_F32.. and FK_KEY_F32..), shared by the native back ends.
 UPDATE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KEY_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.int32: 2, torch.int64: 3}
+
+
+class StackedRows(Sequence):
+    """The K rows of a 2-D tensor ``base`` [K, L], as a read-only sequence of 1-D tensors.
+
+    The row views (``base.unbind(0)``, about 0.5 us per row) are made on first indexing or
+    iteration only; the native back ends read ``base`` (dtype, device: one check for all rows) and
+    :meth:`row_addresses` instead. ``base`` always has contiguous rows (stride 1 along L)."""
+
+    __slots__ = ("base", "_views")
+
+    def __init__(self, base: torch.Tensor):
+        if base.dim() != 2:
+            raise ValueError(f"StackedRows: expected a 2-D tensor, got shape {tuple(base.shape)}")
+        if base.shape[1] > 1 and base.stride(1) != 1:
+            base = base.contiguous()
+        self.base = base
+        self._views: Optional[list] = None
+
+    def views(self) -> list:
+        if self._views is None:
+            self._views = list(self.base.unbind(0))
+        return self._views
+
+    def __len__(self) -> int:
+        return self.base.shape[0]
+
+    def __getitem__(self, i):
+        return self.views()[i]
+
+    def __iter__(self):
+        return iter(self.views())
+
+    def row_addresses(self) -> list:
+        """``[rows[k].data_ptr() for k in range(K)]``, by arithmetic on ``base``."""
+        b = self.base
+        p0, step = b.data_ptr(), b.stride(0) * b.element_size()
+        return [p0 + k * step for k in range(b.shape[0])]
 
 
 @dataclass

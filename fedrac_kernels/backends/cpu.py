@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import KEY_DTYPE_CODES, UPDATE_DTYPE_CODES, Accum
+from . import KEY_DTYPE_CODES, UPDATE_DTYPE_CODES, Accum, StackedRows
 
 try:  # the extension is optional: without it this back end reports itself unavailable
     from .. import _cpu  # type: ignore[attr-defined]
@@ -58,13 +58,21 @@ def _contig(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> O
 
 
 def _check_cpu(*ts) -> None:
-    for t in ts:
-        if t is not None and t.device.type != "cpu":
+    for t in ts:  # is_cpu: a bool attribute, cheaper than building t.device
+        if t is not None and not t.is_cpu:
             raise ValueError(f"cpu back end: tensors must be on the CPU, got {t.device}")
 
 
-def _rows(rows: list, keep: list) -> tuple:
+def _rows(rows, keep: list) -> tuple:
     """(dtype code, row pointers); rows must share one update dtype and live on the CPU."""
+    if isinstance(rows, StackedRows):  # one tensor: one check, addresses by arithmetic
+        b = rows.base
+        code = _UPDATE_DTYPES.get(b.dtype)
+        if code is None:
+            raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {b.dtype}")
+        if not b.is_cpu:
+            raise ValueError(f"cpu back end: tensors must be on the CPU, got {b.device}")
+        return code, rows.row_addresses()
     if not rows:
         return 0, []
     dt = rows[0].dtype
@@ -75,7 +83,7 @@ def _rows(rows: list, keep: list) -> tuple:
     for r in rows:  # one pass, cheap attribute checks only: this runs on every aggregation call
         if r.dtype != dt:
             raise TypeError("rows: all rows must share one dtype")
-        if r.device.type != "cpu":
+        if not r.is_cpu:
             raise ValueError(f"cpu back end: tensors must be on the CPU, got {r.device}")
         if not r.is_contiguous():
             r = r.contiguous()

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import KEY_DTYPE_CODES, UPDATE_DTYPE_CODES, Accum
+from . import KEY_DTYPE_CODES, UPDATE_DTYPE_CODES, Accum, StackedRows
 
 try:  # the extension is optional: without it this back end reports itself unavailable
     from .. import _cuda  # type: ignore[attr-defined]
@@ -187,17 +187,28 @@ class _Call:
 def _accum(acc: Accum, call: _Call, keep: list, extra_ptr_rows=None) -> tuple:
     """fk_accum_args as the binding's list of 12 ints, plus the device address of the extra
     pointer rows (dense masks) stored after the K row pointers in the same device array."""
-    rows = [_contig(r) for r in acc.rows]
-    K = len(rows)
-    if K:
-        dt = rows[0].dtype
+    if isinstance(acc.rows, StackedRows):  # one [K, L] tensor: one check, addresses by arithmetic
+        base = acc.rows.base
+        K = len(acc.rows)
+        rows = [base]  # checked and kept alive below
+        dt = base.dtype
         if dt not in _UPDATE_DTYPES:
             raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {dt}")
-        if any(r.dtype != dt for r in rows):
-            raise TypeError("rows: all rows must share one dtype")
         code = _UPDATE_DTYPES[dt]
+        row_ptrs = acc.rows.row_addresses()
     else:
-        code = 0
+        rows = [_contig(r) for r in acc.rows]
+        K = len(rows)
+        if K:
+            dt = rows[0].dtype
+            if dt not in _UPDATE_DTYPES:
+                raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {dt}")
+            if any(r.dtype != dt for r in rows):
+                raise TypeError("rows: all rows must share one dtype")
+            code = _UPDATE_DTYPES[dt]
+        else:
+            code = 0
+        row_ptrs = [r.data_ptr() for r in rows]
     weights = _contig(acc.weights, torch.float32)
     if acc.flags.dtype != torch.int32 or not acc.flags.is_contiguous():
         raise TypeError("flags: must be a contiguous int32 tensor (it is written in place)")
@@ -209,7 +220,7 @@ def _accum(acc: Accum, call: _Call, keep: list, extra_ptr_rows=None) -> tuple:
     init_num = _contig(acc.init_num, torch.float32)
     init_den = _contig(acc.init_den, torch.float32)
     _check_device(call.device, weights, acc.flags, g, acc.out, init_num, init_den, acc.acc_num, acc.acc_den, *rows)
-    ptrs = [r.data_ptr() for r in rows]
+    ptrs = row_ptrs
     extra = 0
     if extra_ptr_rows is not None:
         _check_device(call.device, *extra_ptr_rows)
