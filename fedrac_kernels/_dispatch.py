@@ -303,10 +303,8 @@ def check_no_nan(t: torch.Tensor, name: str) -> None:
 def check_order_sizes(order: torch.Tensor, sizes: torch.Tensor) -> None:
     """ValueError unless ``order`` is a permutation of 0..N-1 and every size lies in [0, N] (one
     device -> host read on a GPU)."""
-    from .layout import _index_checks
-
     N = order.numel()
-    perm_ok, sizes_ok, _, _ = _index_checks(order, sizes)
+    perm_ok, sizes_ok, _, _ = _layout._index_checks(order, sizes)
     if not perm_ok:
         raise ValueError(f"order: not a permutation of 0..{N - 1}")
     if not sizes_ok:
