@@ -37,12 +37,19 @@ FedPW helpers (per layer, all K client rows of one parameter tensor resident, sp
   then the unbiased std of every column across clients (FedPW's consensus measure), with an
   epsilon guard so that zero rows / columns give 0 instead of NaN;
 * :func:`smallest_indices` - the ``n`` indices of the smallest values (stable ascending).
+
+:func:`gram_matrix`, :meth:`GramAccumulator.add` and the three helpers are also ``torch.library``
+custom ops (``torch.ops.fedrac.*``, schemas in :mod:`fedrac_kernels.library`): under
+``torch.compile`` / ``torch.export`` or with fake tensors each call is one graph node running the
+code below on real tensors; eager calls on plain tensors run it directly.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
+
+from . import library
 
 __all__ = [
     "gram_matrix",
@@ -132,28 +139,19 @@ class GramAccumulator:
         self._acc.add_(torch.mm(c, c.t()))
         self._fill = 0
 
+    def _new_buf(self) -> torch.Tensor:
+        return torch.empty(self.K, self.chunk_size, dtype=self.accumulate, device=self.device)
+
     def _take(self, block: torch.Tensor) -> None:
         """Copy the columns of ``block`` ([K, p]) into the chunk buffer, flushing full chunks."""
-        p = block.shape[1]
-        pos = 0
-        while pos < p:
-            if self._fill == 0 and p - pos >= self.chunk_size:
-                # a whole aligned chunk: one contiguous copy (cast / device move included)
-                c = block[:, pos:pos + self.chunk_size].to(device=self.device, dtype=self.accumulate,
-                                                           copy=True, memory_format=torch.contiguous_format)
-                if not c.is_contiguous():
-                    c = c.contiguous()
-                self._acc.add_(torch.mm(c, c.t()))
-                pos += self.chunk_size
-                continue
+        if library.use_ops(block, self._acc):  # tracing / fake tensors: the registered op, buffer always there
             if self._buf is None:
-                self._buf = torch.empty(self.K, self.chunk_size, dtype=self.accumulate, device=self.device)
-            n = min(self.chunk_size - self._fill, p - pos)
-            self._buf[:, self._fill:self._fill + n].copy_(block[:, pos:pos + n])
-            self._fill += n
-            pos += n
-            if self._fill == self.chunk_size:
-                self._flush()
+                self._buf = self._new_buf()
+            torch.ops.fedrac.gram_add_(self._acc, self._buf, block, self._fill)
+            self._fill = (self._fill + block.shape[1]) % self.chunk_size  # what _take_columns leaves
+            return
+        self._buf, self._fill = _take_columns(self._acc, self._buf, self._fill, block, self.chunk_size,
+                                              self._new_buf)
 
     # public -----------------------------------------------------------------------------------
     def add(self, block: torch.Tensor) -> "GramAccumulator":
@@ -240,6 +238,54 @@ class GramAccumulator:
         self.columns = int(sd["columns"])
 
 
+def _take_columns(acc: torch.Tensor, buf: Optional[torch.Tensor], fill: int, block: torch.Tensor, chunk: int,
+                  new_buf) -> tuple:
+    """Add the columns of ``block`` ([K, p]) to the open chunk ``buf[:, :fill]``, multiplying every
+    chunk that fills up into ``acc``; returns (buf, fill) with fill = (fill + p) % chunk.
+    ``new_buf()`` makes the buffer when it is None and needed."""
+    p = block.shape[1]
+    pos = 0
+    while pos < p:
+        if fill == 0 and p - pos >= chunk:
+            # a whole aligned chunk: one contiguous copy (cast / device move included)
+            c = block[:, pos:pos + chunk].to(device=acc.device, dtype=acc.dtype, copy=True,
+                                            memory_format=torch.contiguous_format)
+            if not c.is_contiguous():
+                c = c.contiguous()
+            acc.add_(torch.mm(c, c.t()))
+            pos += chunk
+            continue
+        if buf is None:
+            buf = new_buf()
+        n = min(chunk - fill, p - pos)
+        buf[:, fill:fill + n].copy_(block[:, pos:pos + n])
+        fill += n
+        pos += n
+        if fill == chunk:
+            acc.add_(torch.mm(buf, buf.t()))
+            fill = 0
+    return buf, fill
+
+
+def gram_add_checked_(acc: torch.Tensor, buf: torch.Tensor, block: torch.Tensor, fill: int) -> None:
+    """The registered ``fedrac::gram_add_``: :meth:`GramAccumulator.add`'s column step on explicit
+    state (``acc`` [K, K], the chunk buffer ``buf`` [K, chunk] holding ``fill`` open columns)."""
+    for name, t in (("acc", acc), ("buf", buf), ("block", block)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor")
+    _check_float(block, "block")
+    K = acc.shape[0]
+    if acc.shape != (K, K) or acc.dtype not in ACCUMULATE:
+        raise ValueError(f"acc: expected a float32/float64 [K, K] accumulator, got {acc.dtype} {tuple(acc.shape)}")
+    if buf.shape[0] != K or buf.shape[1] < 1 or buf.dtype != acc.dtype or buf.device != acc.device:
+        raise ValueError(f"buf: expected a [K={K}, chunk] buffer like acc, got {buf.dtype} {tuple(buf.shape)}")
+    if block.shape[0] != K:
+        raise ValueError(f"block: expected shape [K={K}, p], got {tuple(block.shape)}")
+    if not 0 <= fill < buf.shape[1]:
+        raise ValueError(f"fill: expected 0 <= fill < {buf.shape[1]}, got {fill}")
+    _take_columns(acc, buf, fill, block, buf.shape[1], None)
+
+
 # ----------------------------------------------------------------------------------------- op
 
 def _is_rows(updates) -> bool:
@@ -247,6 +293,26 @@ def _is_rows(updates) -> bool:
         isinstance(r, torch.Tensor) and r.dim() == 1 for r in updates)
 
 
+def _gram_matrix_op(updates, *, accumulate: torch.dtype = torch.float64, chunk_size: int = DEFAULT_CHUNK,
+                    device: Optional[Union[str, torch.device]] = None, nonfinite: str = "raise") -> torch.Tensor:
+    _check_accumulate(accumulate)
+    _check_chunk(chunk_size)
+    _check_nonfinite(nonfinite)
+    if isinstance(updates, torch.Tensor):
+        parts, rows = [updates], False
+    else:
+        if isinstance(updates, (str, bytes)) or not hasattr(updates, "__iter__"):
+            raise TypeError(f"updates: expected a tensor [K, P], a list of K 1-D tensors or an iterable of [K, p] "
+                            f"blocks, got {type(updates).__name__}")
+        parts = list(updates)
+        if not parts:
+            raise ValueError("updates: no clients (K = 0)")
+        rows = _is_rows(parts)
+    dev = torch.device(device) if device is not None else None
+    return torch.ops.fedrac.gram_matrix(parts, rows, accumulate, chunk_size, dev, nonfinite)
+
+
+@library.routed(_gram_matrix_op)
 def gram_matrix(updates, *, accumulate: torch.dtype = torch.float64, chunk_size: int = DEFAULT_CHUNK,
                 device: Optional[Union[str, torch.device]] = None, nonfinite: str = "raise") -> torch.Tensor:
     """``G = U U^T`` ([K, K], dtype ``accumulate``), streamed in chunks of ``chunk_size`` columns.
@@ -335,6 +401,21 @@ def gram_reference(updates) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- FedPW helpers
 
+def _smallest_indices_op(values, n):
+    return torch.ops.fedrac.smallest_indices(values, n)
+
+
+def _bottomk_op(rows, counts, *, sample_every: int = 10):
+    if not isinstance(counts, torch.Tensor):
+        counts = torch.tensor(counts, dtype=torch.int64)
+    return torch.ops.fedrac.bottomk_magnitude_mask(rows, counts, sample_every)
+
+
+def _column_std_op(rows, *, eps: float = 1e-12):
+    return torch.ops.fedrac.column_normalized_std(rows, float(eps))
+
+
+@library.routed(_smallest_indices_op)
 def smallest_indices(values: torch.Tensor, n: int) -> torch.Tensor:
     """int64 indices of the ``n`` smallest entries of 1-D ``values``, ascending, ties by lower index."""
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
@@ -344,6 +425,7 @@ def smallest_indices(values: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sort(values, stable=True).indices[:n]
 
 
+@library.routed(_bottomk_op)
 def bottomk_magnitude_mask(rows: torch.Tensor, counts, *, sample_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the ``counts[k]`` smallest-|value| entries of every row ``k`` of ``rows`` [K, L].
 
@@ -377,6 +459,7 @@ def bottomk_magnitude_mask(rows: torch.Tensor, counts, *, sample_every: int = 10
     return masked, means
 
 
+@library.routed(_column_std_op)
 def column_normalized_std(rows: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
     """Unbiased std across clients of every column of ``rows`` [K, L] after scaling each row to unit
     L2 norm and then each column to unit L2 norm (norms below ``eps`` count as ``eps``: zero rows /

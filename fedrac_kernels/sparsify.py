@@ -63,6 +63,13 @@ per-block partial sums added in float64), so its back ends agree to ~1e-6 relati
 
 Bad input raises ``ValueError`` / ``TypeError`` whose message starts with the argument's name,
 before anything is written.
+
+Every public op here is also a ``torch.library`` custom op (``torch.ops.fedrac.*``, schemas in
+:mod:`fedrac_kernels.library`): under ``torch.compile`` / ``torch.export`` or with fake tensors a call
+becomes one graph node whose implementation is the function below on real tensors (all its checks
+included); eager calls on plain tensors run it directly. Under tracing, ``randomk_add_`` draws its
+permutation before the op checks its arguments, and ``cosine_to_aggregate(..., return_norms=True)``
+gives ``u_norm`` as a 0-dim float64 tensor.
 """
 from __future__ import annotations
 
@@ -72,6 +79,8 @@ import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+
+from . import library
 
 __all__ = [
     "topq_counts",
@@ -325,19 +334,7 @@ def _check_counts(counts, K: int, limits: Sequence[int], name: str = "counts") -
             raise TypeError(f"{name}: expected integers, got {counts.dtype}")
         ct = counts.detach().cpu().to(torch.int64)
     else:
-        try:
-            vals = counts.tolist() if hasattr(counts, "tolist") else list(counts)
-        except TypeError:
-            raise TypeError(f"{name}: expected a sequence of integers, got {type(counts).__name__}") from None
-
-        def ints(x):
-            if isinstance(x, (list, tuple)):
-                return [ints(v) for v in x]
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise TypeError(f"{name}: expected integers, got {x!r}")
-            return x
-
-        ct = torch.tensor(ints(vals), dtype=torch.int64)
+        ct = torch.tensor(_ints(counts, name), dtype=torch.int64)
     if ct.dim() == 1 and S == 1:
         ct = ct.reshape(-1, 1)
     if ct.dim() != 2 or ct.shape != (K, S):
@@ -346,6 +343,23 @@ def _check_counts(counts, K: int, limits: Sequence[int], name: str = "counts") -
     if bool((ct < 0).any()) or bool((ct > lim).any()):
         raise ValueError(f"{name}: counts must be in [0, segment length {list(limits)}], got {ct.tolist()}")
     return ct
+
+
+def _ints(counts, name: str) -> list:
+    """A (nested) sequence of ints as nested lists, TypeError naming ``name`` for anything else."""
+    try:
+        vals = counts.tolist() if hasattr(counts, "tolist") else list(counts)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of integers, got {type(counts).__name__}") from None
+
+    def ints(x):
+        if isinstance(x, (list, tuple)):
+            return [ints(v) for v in x]
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name}: expected integers, got {x!r}")
+        return x
+
+    return ints(vals)
 
 
 def _num_clients(values, name: str) -> int:
@@ -392,8 +406,124 @@ def _scaled(u: torch.Tensor, alpha: float) -> torch.Tensor:
     return u * torch.tensor(alpha, dtype=torch.float32, device=u.device)
 
 
+# ------------------------------------------------------------------ registered ops (tracing)
+# Under torch.compile / export or with fake tensors the public functions call the torch.library
+# ops of fedrac_kernels.library; these turn their arguments into the ops' tensor form (metadata
+# only: the op, which runs the undecorated function on real tensors, checks everything).
+
+def _u_arg(u) -> torch.Tensor:
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    if u.dim() != 1:
+        raise ValueError(f"u: expected a 1-D tensor [P], got shape {tuple(u.shape)}")
+    return u
+
+
+def _rows_arg(targets, name: str = "targets") -> list:
+    """[T] for one [K, P] tensor, else the list of K rows."""
+    if isinstance(targets, torch.Tensor):
+        if targets.dim() != 2:
+            raise ValueError(f"{name}: expected a [K, P] tensor or a list of K [P] tensors, "
+                             f"got shape {tuple(targets.shape)}")
+        return [targets]
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(f"{name}: expected a [K, P] tensor or a list of tensors, got {type(targets).__name__}")
+    if not targets:
+        raise ValueError(f"{name}: need at least one client (K = 0)")
+    for k, t in enumerate(targets):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: element {k} is a {type(t).__name__}, expected a tensor")
+        if t.dim() != 1:
+            raise ValueError(f"{name}: element {k} has shape {tuple(t.shape)}, expected a 1-D tensor")
+    return list(targets)
+
+
+def _segments_arg(segments, u: torch.Tensor) -> torch.Tensor:
+    if isinstance(segments, torch.Tensor):
+        return segments
+    offs, lens = _check_segments(segments, u.shape[0])  # layouts and pairs: plain Python, checked now
+    return torch.tensor([[o, n] for o, n in zip(offs, lens)], dtype=torch.int64).reshape(-1, 2)
+
+
+def _float_arg(q, name: str = "q") -> torch.Tensor:
+    if isinstance(q, torch.Tensor):
+        return q
+    try:
+        return torch.tensor(q, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected K numbers, got {type(q).__name__}") from None
+
+
+def _int_arg(counts, name: str = "counts") -> torch.Tensor:
+    if isinstance(counts, torch.Tensor):
+        if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integers, got {counts.dtype}")
+        return counts
+    return torch.tensor(_ints(counts, name), dtype=torch.int64)
+
+
+def _backend_arg(backend) -> str:
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend: unknown back end {backend!r}; use one of {', '.join(BACKENDS)} or None")
+    return backend or ""
+
+
+def _topq_counts_op(q, lengths):
+    return torch.ops.fedrac.topq_counts(_float_arg(q), [int(n) for n in lengths])
+
+
+def _topk_thresholds_op(u, segments, counts, *, backend=None):
+    u = _u_arg(u)
+    return torch.ops.fedrac.topk_thresholds(u, _segments_arg(segments, u), _int_arg(counts), _backend_arg(backend))
+
+
+def _threshold_add_op(targets, u, segments, thresholds, *, alpha=1.0, backend=None):
+    u = _u_arg(u)
+    torch.ops.fedrac.threshold_add_(_rows_arg(targets), u, _segments_arg(segments, u), thresholds,
+                                    _check_alpha(alpha), _backend_arg(backend))
+    return targets
+
+
+def _layerwise_topq_add_op(targets, u, segments, q, *, alpha=1.0, backend=None):
+    u = _u_arg(u)
+    torch.ops.fedrac.layerwise_topq_add_(_rows_arg(targets), u, _segments_arg(segments, u), _float_arg(q),
+                                         _check_alpha(alpha), _backend_arg(backend))
+    return targets
+
+
+def _layerwise_topq_op(u, segments, q, *, backend=None):
+    u = _u_arg(u)
+    return torch.ops.fedrac.layerwise_topq(u, _segments_arg(segments, u), _float_arg(q), _backend_arg(backend))
+
+
+def _global_topk_add_op(targets, u, counts, *, alpha=1.0, backend=None):
+    torch.ops.fedrac.global_topk_add_(_rows_arg(targets), _u_arg(u), _int_arg(counts), _check_alpha(alpha),
+                                      _backend_arg(backend))
+    return targets
+
+
+def _global_topk_op(u, counts, *, backend=None):
+    return torch.ops.fedrac.global_topk(_u_arg(u), _int_arg(counts), _backend_arg(backend))
+
+
+def _randomk_add_op(targets, u, counts, *, generator=None, alpha=1.0, backend=None):
+    u = _u_arg(u)
+    perm = _draw_permutation(u, generator)
+    torch.ops.fedrac.randomk_add_(_rows_arg(targets), u, _int_arg(counts), perm, _check_alpha(alpha),
+                                  _backend_arg(backend))
+    return targets
+
+
+def _cosine_op(U, u, *, eps=1e-10, return_norms=False, backend=None):
+    """Under tracing ``u_norm`` stays a 0-dim float64 tensor (a float would end the graph)."""
+    cos, norms, unorm = torch.ops.fedrac.cosine_to_aggregate(_rows_arg(U, "U"), _u_arg(u), float(eps),
+                                                             _backend_arg(backend))
+    return CosineNorms(cos, norms, unorm) if return_norms else cos
+
+
 # -------------------------------------------------------------------------------------- counts
 
+@library.routed(_topq_counts_op)
 def topq_counts(q, lengths: Sequence[int]) -> torch.Tensor:
     """int64 [K, S]: ``min(ceil(q_k n_s), n_s - 1)`` (at least 0), float64 arithmetic."""
     qt = torch.as_tensor(q, dtype=torch.float64).detach().cpu().reshape(-1)
@@ -439,6 +569,7 @@ def _thresholds_fused(u, offs, lens, counts) -> torch.Tensor:
     return thr
 
 
+@library.routed(_topk_thresholds_op)
 def topk_thresholds(u: torch.Tensor, segments, counts, *, backend: Optional[str] = None) -> torch.Tensor:
     """float32 [K, S]: the ``counts[k, s]``-th largest ``|u|`` of segment s (+inf where the count is 0)."""
     u = _check_u(u)
@@ -531,6 +662,7 @@ def _launch_select_add(rows, u, offs, lens, alpha, *, thr=None, counts=None, ran
         RANDOM=random, USE_ALPHA=(alpha != 1.0), BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
+@library.routed(_threshold_add_op)
 def threshold_add_(targets, u: torch.Tensor, segments, thresholds: torch.Tensor, *, alpha: float = 1.0,
                    backend: Optional[str] = None):
     """``targets[k, p] += alpha * u[p]`` where ``|u[p]| >= thresholds[k, segment(p)]``; returns targets."""
@@ -572,6 +704,7 @@ def _layerwise_reference(rows, u, offs, lens, q, alpha) -> None:
             part[keep] = part[keep] + v[sl][keep]
 
 
+@library.routed(_layerwise_topq_add_op)
 def layerwise_topq_add_(targets, u: torch.Tensor, segments, q, *, alpha: float = 1.0,
                         backend: Optional[str] = None):
     """Add each client's layer-wise top-``q_k`` sparsification of ``u`` to its row (K9).
@@ -593,6 +726,7 @@ def layerwise_topq_add_(targets, u: torch.Tensor, segments, q, *, alpha: float =
     return targets
 
 
+@library.routed(_layerwise_topq_op)
 def layerwise_topq(u: torch.Tensor, segments, q, *, backend: Optional[str] = None) -> torch.Tensor:
     """float32 ``[K, P]``: row k = ``u`` with everything but client k's layer-wise top-``q_k`` zeroed."""
     u = _check_u(u)
@@ -609,6 +743,7 @@ def _global_counts(counts, K: int, P: int) -> torch.Tensor:
     return _check_counts(counts, K, [P])
 
 
+@library.routed(_global_topk_add_op)
 def global_topk_add_(targets, u: torch.Tensor, counts, *, alpha: float = 1.0, backend: Optional[str] = None):
     """Global top-k (one segment = all of ``u``): client k adds the entries with ``|u|`` at least
     its ``counts[k]``-th largest magnitude (ties kept; count 0 adds nothing). Returns targets."""
@@ -635,6 +770,7 @@ def global_topk_add_(targets, u: torch.Tensor, counts, *, alpha: float = 1.0, ba
     return targets
 
 
+@library.routed(_global_topk_op)
 def global_topk(u: torch.Tensor, counts, *, backend: Optional[str] = None) -> torch.Tensor:
     """float32 ``[K, P]`` functional form of :func:`global_topk_add_`."""
     u = _check_u(u)
@@ -644,26 +780,59 @@ def global_topk(u: torch.Tensor, counts, *, backend: Optional[str] = None) -> to
     return global_topk_add_(out, u, counts, backend=backend)
 
 
+@library.routed(_randomk_add_op)
 def randomk_add_(targets, u: torch.Tensor, counts, *, generator: Optional[torch.Generator] = None,
                  alpha: float = 1.0, backend: Optional[str] = None):
     """Random-k: ONE permutation ``perm`` of ``[0, P)`` is drawn (``torch.randperm(P, generator=...)``
     on the generator's device) and client k adds ``u`` at ``perm[:counts[k]]``. Returns targets."""
+    u, rows, ct, a, be = _randomk_checked(targets, u, counts, alpha, backend, generator)
+    _randomk_apply(be, targets, rows, u, ct, _draw_permutation(u, generator), a)  # drawn after every check
+    return targets
+
+
+def _draw_permutation(u: torch.Tensor, generator) -> torch.Tensor:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    return torch.randperm(u.shape[0], generator=generator, device=gdev).to(u.device)
+
+
+def _randomk_checked(targets, u, counts, alpha, backend, generator=None) -> tuple:
     u = _check_u(u)
     rows = _check_targets(targets, u)
-    P = u.numel()
-    ct = _global_counts(counts, len(rows), P)
+    ct = _global_counts(counts, len(rows), u.numel())
     a = _check_alpha(alpha)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-    be = _pick_backend(backend, u.device)
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(P, generator=generator, device=gdev).to(u.device)
+    return u, rows, ct, a, _pick_backend(backend, u.device)
+
+
+def randomk_with_perm_(targets, u: torch.Tensor, counts, perm: torch.Tensor, *, alpha: float = 1.0,
+                       backend: Optional[str] = None):
+    """:func:`randomk_add_` with the permutation given (the registered op's implementation: the
+    draw happens outside the op). ``perm``: int64 [P], a permutation of ``[0, P)``, on u's device."""
+    u, rows, ct, a, be = _randomk_checked(targets, u, counts, alpha, backend)
+    P = u.numel()
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.shape != (P,):
+        raise ValueError(f"perm: expected an int64 tensor [{P}]")
+    if perm.device != u.device:
+        raise ValueError(f"perm: on {perm.device} but u is on {u.device}")
+    from .layout import _index_checks
+
+    if not _index_checks(perm)[0]:
+        raise ValueError(f"perm: not a permutation of 0..{P - 1}")
+    _randomk_apply(be, targets, rows, u, ct, perm, a)
+    return targets
+
+
+def _randomk_apply(be, targets, rows, u, ct, perm, a) -> None:
+    P = u.numel()
     v = _scaled(u, a)
     if be == "torch":
         for k, t in enumerate(rows):
             idx = perm[:int(ct[k, 0])]
             t[idx] = t[idx] + v[idx]
-        return targets
+        return
     rank = torch.empty(P, dtype=torch.int64, device=u.device)
     rank[perm] = torch.arange(P, dtype=torch.int64, device=u.device)
     if be == "fused":
@@ -677,9 +846,8 @@ def randomk_add_(targets, u: torch.Tensor, counts, *, generator: Optional[torch.
             else:
                 for k, t in enumerate(rows):
                     t[sl].add_(torch.where(rank[sl] < cdev[k], v[sl], -0.0))
-        return targets
+        return
     _launch_select_add(rows, u, [0], [P], a, counts=ct[:, 0].to(u.device).contiguous(), rank=rank)
-    return targets
 
 
 # ---------------------------------------------------------------------------------------- K8 op
@@ -694,6 +862,7 @@ def _check_rows_like(U, u: torch.Tensor) -> list[torch.Tensor]:
     return _check_targets(U, u, name="U")
 
 
+@library.routed(_cosine_op)
 def cosine_to_aggregate(U, u: torch.Tensor, *, eps: float = 1e-10, return_norms: bool = False,
                         backend: Optional[str] = None):
     """``cos[k] = <U_k, u> / max(||U_k|| ||u||, eps)`` as float64 ``[K]`` (K8).

@@ -18,14 +18,21 @@ def lay():
 
 
 def test_every_op_registered_with_its_schema():
-    want = {"masked_mean_update_": "global_params", "structured_mean_update_": "global_params",
-            "compact_mean_update_": "global_params", "frequency_update_": "freq",
-            "compact_pack": None, "lowest_frequency_order": None, "nested_masks": None}
+    want = {"masked_mean_update_": ["global_params"], "structured_mean_update_": ["global_params"],
+            "compact_mean_update_": ["global_params"], "frequency_update_": ["freq"],
+            "compact_pack": [], "lowest_frequency_order": [], "nested_masks": [],
+            # sparsify
+            "topq_counts": [], "topk_thresholds": [], "threshold_add_": ["targets"],
+            "layerwise_topq_add_": ["targets"], "layerwise_topq": [], "global_topk_add_": ["targets"],
+            "global_topk": [], "randomk_add_": ["targets"], "cosine_to_aggregate": [],
+            # gram
+            "gram_matrix": [], "gram_add_": ["acc", "buf"], "bottomk_magnitude_mask": [],
+            "column_normalized_std": [], "smallest_indices": []}
     assert set(library.OPS) == set(want)
     for name, mutated in want.items():
         schema = getattr(torch.ops.fedrac, name).default._schema
         written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        assert written == ([mutated] if mutated else []), name
+        assert written == mutated, name
 
 
 def _op_cases(backend, gen):
@@ -58,13 +65,84 @@ def _op_cases(backend, gen):
     ]
 
 
+def _sparsify_gram_cases(gen):
+    """Random inputs with odd sizes, ties, zeros, a gap between segments, K = 3 clients."""
+    K, P = 3, 53
+    u = torch.randn(P, generator=gen)
+    u[5:9] = 0.5
+    u[30:33] = 0.0
+    segs = torch.tensor([[0, 20], [20, 1], [25, 28]])          # entries 21..24 in no segment
+    q = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    counts = torch.tensor([[0, 1, 5], [3, 0, 28], [20, 1, 1]])
+    thr = fk.topk_thresholds(u, segs, counts)
+    T = torch.randn(K, P, generator=gen)
+    rows = [torch.randn(P, generator=gen) for _ in range(K)]
+    gcounts = torch.tensor([0, 7, P])
+    perm = torch.randperm(P, generator=gen)
+    acc = torch.randn(K, K, dtype=torch.float64, generator=gen)
+    buf = torch.randn(K, 16, dtype=torch.float64, generator=gen)   # 5 open columns
+    W = torch.randn(K, 29, generator=gen)
+    return [
+        ("topq_counts", (q, [20, 1, 28])),
+        ("topk_thresholds", (u, segs, counts, "")),
+        ("threshold_add_", ([T.clone()], u, segs, thr, 1.0, "")),
+        ("threshold_add_", ([r.clone() for r in rows], u, segs, thr, -0.5, "torch")),
+        ("layerwise_topq_add_", ([T.clone()], u, segs, q, 0.7, "")),
+        ("layerwise_topq", (u, segs, q, "")),
+        ("global_topk_add_", ([r.clone() for r in rows], u, gcounts, 1.0, "")),
+        ("global_topk", (u, gcounts, "")),
+        ("randomk_add_", ([T.clone()], u, gcounts, perm, 2.0, "")),
+        ("cosine_to_aggregate", ([T], u, 1e-10, "")),
+        ("cosine_to_aggregate", (rows, u, 1e-10, "torch")),
+        ("gram_matrix", ([T], False, torch.float64, 16, None, "raise")),
+        ("gram_matrix", (rows, True, torch.float32, 7, None, "propagate")),
+        ("gram_matrix", ([T[:, :20], T[:, 20:]], False, torch.float64, 13, None, "raise")),
+        ("gram_add_", (acc, buf, T[:, :37], 5)),
+        ("bottomk_magnitude_mask", (W, torch.tensor([2, 3, 29]), 4)),  # no 0: its NaN mean != NaN
+        ("column_normalized_std", (W, 1e-12)),
+        ("smallest_indices", (W[0], 9)),
+    ]
+
+
 @pytest.mark.parametrize("backend", [""])  # automatic choice: the cpu back end when built, else torch
 def test_opcheck_every_op(backend, gen):
     seen = set()
-    for name, args in _op_cases(backend, gen):
+    for name, args in _op_cases(backend, gen) + _sparsify_gram_cases(gen):
         seen.add(name)
         torch.library.opcheck(getattr(torch.ops.fedrac, name).default, args)
     assert seen == set(library.OPS)
+
+
+def test_sparsify_gram_ops_match_public_functions(gen):
+    """The registered ops give the eager public functions' results bit for bit."""
+    from fedrac_kernels.gram import GramAccumulator, smallest_indices
+
+    for name, args in _sparsify_gram_cases(gen):
+        op = getattr(torch.ops.fedrac, name)
+        if name.endswith("_"):
+            a = [t.clone() for t in args[0]] if isinstance(args[0], list) else args[0].clone()
+            b = [t.clone() for t in args[0]] if isinstance(args[0], list) else args[0].clone()
+            if name == "gram_add_":
+                a, b = (args[0].clone(), args[1].clone()), (args[0].clone(), args[1].clone())
+                op(*a, *args[2:])
+                acc = GramAccumulator(3, chunk_size=16)
+                acc._ensure(torch.device("cpu"))
+                acc._acc.copy_(b[0])
+                acc._buf, acc._fill = b[1], args[3]
+                acc.add(args[2])
+                assert torch.equal(a[0], acc._acc) and torch.equal(a[1][:, :acc._fill], acc._buf[:, :acc._fill])
+                continue
+            op(a, *args[1:])
+            public = getattr(fk, name, None)
+            if name == "randomk_add_":
+                from fedrac_kernels.sparsify import randomk_with_perm_ as public
+            targets = b[0] if len(b) == 1 and b[0].dim() == 2 else b
+            kw = {"alpha": args[-2], "backend": args[-1] or None}
+            public(targets, *args[1:-2], **kw)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), name
+    u, segs, q = torch.randn(41, generator=gen), torch.tensor([[0, 30], [30, 11]]), torch.tensor([0.4, 0.9])
+    assert torch.equal(torch.ops.fedrac.layerwise_topq(u, segs, q, ""), fk.layerwise_topq(u, segs, q))
+    assert torch.equal(torch.ops.fedrac.smallest_indices(u, 6), smallest_indices(u, 6))
 
 
 def test_ops_match_public_functions(gen):
@@ -103,6 +181,69 @@ def test_torch_compile_fullgraph(gen):
     out2 = step(g2, d, m, w, f2, fm)
     assert torch.equal(g1, g2) and torch.equal(f1, f2)
     assert torch.equal(out1[0], out2[0]) and torch.equal(out1[1], out2[1])
+    torch._dynamo.reset()
+
+
+def test_sparsify_gram_ops_check_inputs_before_writing(gen):
+    """The ops run the public checks: a bad argument raises naming it and writes nothing."""
+    u = torch.randn(11, generator=gen)
+    T = torch.randn(2, 11, generator=gen)
+    T0 = T.clone()
+    segs = torch.tensor([[0, 11]])
+    bad_u = u.clone()
+    bad_u[3] = float("nan")
+    cases = [
+        (r"^u: contains NaN", lambda: torch.ops.fedrac.layerwise_topq_add_([T], bad_u, segs, torch.tensor([0.5, 0.5]),
+                                                                          1.0, "")),
+        (r"^q: fractions", lambda: torch.ops.fedrac.layerwise_topq_add_([T], u, segs, torch.tensor([0.5, 2.0]), 1.0, "")),
+        (r"^counts: counts must be in", lambda: torch.ops.fedrac.global_topk_add_([T], u, torch.tensor([1, 12]), 1.0, "")),
+        (r"^perm: not a permutation", lambda: torch.ops.fedrac.randomk_add_([T], u, torch.tensor([1, 2]),
+                                                                           torch.zeros(11, dtype=torch.int64), 1.0, "")),
+        (r"^segments: entry 0", lambda: torch.ops.fedrac.threshold_add_([T], u, torch.tensor([[0, 12]]),
+                                                                       torch.zeros(2, 1), 1.0, "")),
+        (r"^block: expected shape", lambda: torch.ops.fedrac.gram_add_(torch.zeros(3, 3, dtype=torch.float64),
+                                                                      torch.zeros(3, 4, dtype=torch.float64), T, 0)),
+        (r"^n: expected an int", lambda: torch.ops.fedrac.smallest_indices(u, 12)),
+    ]
+    for match, call in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert torch.equal(T, T0), match
+    with pytest.raises(ValueError, match=r"^u: expected a 1-D"):  # the tracing path checks shapes itself
+        torch.compile(lambda T, u: fk.layerwise_topq_add_(T, u, [(0, 11)], [0.5, 0.5]), backend="aot_eager")(T, u[None])
+    assert torch.equal(T, T0)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_fullgraph_sparsify_gram(gen):
+    """The sparsify and Gram public functions trace into their ops (no graph breaks) and agree."""
+    from fedrac_kernels.gram import (GramAccumulator, bottomk_magnitude_mask, column_normalized_std, gram_matrix,
+                                     smallest_indices)
+
+    torch._dynamo.reset()
+    K, P = 3, 37
+    u = torch.randn(P, generator=gen)
+    T0 = torch.randn(K, P, generator=gen)
+
+    def step(u, T):
+        fk.layerwise_topq_add_(T, u, [(0, 20), (20, 17)], [0.2, 0.5, 1.0])
+        fk.threshold_add_(T, u, [(0, P)], fk.topk_thresholds(u, [(0, P)], [[1], [4], [P]]), alpha=0.5)
+        top = fk.global_topk(u, [1, 5, P])
+        cos = fk.cosine_to_aggregate(T, u)
+        G = gram_matrix(T, chunk_size=16)
+        acc = GramAccumulator(K, chunk_size=16)
+        acc.add(T[:, :20])
+        acc.add(T[:, 20:])
+        masked, means = bottomk_magnitude_mask(T, [1, 2, 3], sample_every=2)
+        return top, cos, G, acc.gram(), column_normalized_std(T), masked, means, smallest_indices(u, 4)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    T1, T2 = T0.clone(), T0.clone()
+    out1 = compiled(u, T1)
+    out2 = step(u, T2)
+    assert torch.equal(T1, T2)
+    for a, b in zip(out1, out2):
+        assert torch.equal(a, b)
     torch._dynamo.reset()
 
 
