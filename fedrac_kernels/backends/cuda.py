@@ -16,22 +16,14 @@ for inputs that already conform. Results are bit-identical to :mod:`torch_ref`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 
-from . import KEY_DTYPE_CODES, UPDATE_DTYPE_CODES, Accum, StackedRows
+from . import Accum
+from ._native import (accum_args, accum_inputs, as_u8, contig, freq_code, load_extension, ptr, rows_of,
+                      segment_table, sort_keys)
 
-try:  # the extension is optional: without it this back end reports itself unavailable
-    from .. import _cuda  # type: ignore[attr-defined]
-
-    _IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # pragma: no cover - depends on the build
-    _cuda = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-
-_UPDATE_DTYPES = UPDATE_DTYPE_CODES
-_KEY_DTYPES = KEY_DTYPE_CODES
+_cuda, _IMPORT_ERROR = load_extension("_cuda")
 
 _device_status: dict = {}
 _PTR_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
@@ -92,30 +84,11 @@ def _stream(index: int):
     return torch.cuda.current_stream(index)
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _contig(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _check_device(device: torch.device, *ts) -> None:
     idx = device.index
     for t in ts:  # get_device(): an int, cheaper than building t.device for every row
         if t is not None and t.get_device() != idx:
             raise ValueError(f"cuda back end: every tensor must be on {device}, got one on {t.device}")
-
-
-def _as_u8(t: torch.Tensor) -> torch.Tensor:
-    """bool/uint8 tensor as a contiguous 1-byte tensor (0 / non-zero)."""
-    if t.dtype not in (torch.bool, torch.uint8, torch.int8):
-        t = t != 0
-    return _contig(t)
 
 
 def _pointer_array(ptrs: list, device: torch.device, stream) -> torch.Tensor:
@@ -185,42 +158,12 @@ class _Call:
 
 
 def _accum(acc: Accum, call: _Call, keep: list, extra_ptr_rows=None) -> tuple:
-    """fk_accum_args as the binding's list of 12 ints, plus the device address of the extra
-    pointer rows (dense masks) stored after the K row pointers in the same device array."""
-    if isinstance(acc.rows, StackedRows):  # one [K, L] tensor: one check, addresses by arithmetic
-        base = acc.rows.base
-        K = len(acc.rows)
-        rows = [base]  # checked and kept alive below
-        dt = base.dtype
-        if dt not in _UPDATE_DTYPES:
-            raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {dt}")
-        code = _UPDATE_DTYPES[dt]
-        row_ptrs = acc.rows.row_addresses()
-    else:
-        rows = [_contig(r) for r in acc.rows]
-        K = len(rows)
-        if K:
-            dt = rows[0].dtype
-            if dt not in _UPDATE_DTYPES:
-                raise TypeError(f"rows: dtype must be float32, bfloat16 or float16, got {dt}")
-            if any(r.dtype != dt for r in rows):
-                raise TypeError("rows: all rows must share one dtype")
-            code = _UPDATE_DTYPES[dt]
-        else:
-            code = 0
-        row_ptrs = [r.data_ptr() for r in rows]
-    weights = _contig(acc.weights, torch.float32)
-    if acc.flags.dtype != torch.int32 or not acc.flags.is_contiguous():
-        raise TypeError("flags: must be a contiguous int32 tensor (it is written in place)")
-    for name in ("out", "acc_num", "acc_den"):
-        t = getattr(acc, name)
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-            raise TypeError(f"{name}: must be a contiguous float32 tensor (it is written in place)")
-    g = _contig(acc.g, torch.float32)
-    init_num = _contig(acc.init_num, torch.float32)
-    init_den = _contig(acc.init_den, torch.float32)
-    _check_device(call.device, weights, acc.flags, g, acc.out, init_num, init_den, acc.acc_num, acc.acc_den, *rows)
-    ptrs = row_ptrs
+    """fk_accum_args as the binding's 12 ints, plus the device address of the extra pointer rows
+    (dense masks) stored after the K row pointers in the same device array."""
+    code, ptrs, held = rows_of(acc.rows, keep)
+    K = len(ptrs)
+    weights, g, init_num, init_den = accum_inputs(acc)
+    _check_device(call.device, weights, acc.flags, g, acc.out, init_num, init_den, acc.acc_num, acc.acc_den, *held)
     extra = 0
     if extra_ptr_rows is not None:
         _check_device(call.device, *extra_ptr_rows)
@@ -232,20 +175,8 @@ def _accum(acc: Accum, call: _Call, keep: list, extra_ptr_rows=None) -> tuple:
         rows_dev = arr.data_ptr()
         if extra_ptr_rows is not None:
             extra = rows_dev + 8 * K
-    keep += [rows, weights, g, init_num, init_den]
-    args = [K, int(acc.P), code, rows_dev, weights.data_ptr(), _ptr(g), _ptr(acc.out), _ptr(init_num),
-            _ptr(init_den), _ptr(acc.acc_num), _ptr(acc.acc_den), acc.flags.data_ptr()]
-    return args, extra
-
-
-def _segments(segments, device: torch.device) -> torch.Tensor:
-    segs = torch.as_tensor(segments)
-    if segs.device != device:
-        segs = segs.to(device)
-    segs = _contig(segs, torch.int64)
-    if segs.numel() and (segs.dim() != 2 or segs.shape[1] != 6):
-        raise ValueError(f"segments: expected an int64 [S, 6] table, got shape {tuple(segs.shape)}")
-    return segs.reshape(-1, 6)
+    keep += [held, weights, g, init_num, init_den]
+    return accum_args(acc, K, code, rows_dev, weights, g, init_num, init_den), extra
 
 
 # ---- protocol -------------------------------------------------------------------------------------
@@ -256,7 +187,7 @@ def dense(acc: Accum, masks) -> None:
         keep: list = []
         ms = None
         if masks is not None:
-            ms = [_as_u8(m) for m in masks]
+            ms = [as_u8(m) for m in masks]
             keep.append(ms)
         args, mptr = _accum(acc, call, keep, ms)
         _cuda.dense(call.index, call.stream.cuda_stream, args, mptr)
@@ -266,65 +197,58 @@ def structured(acc: Accum, segments, N, neuron_masks, rank, sizes, nonzero: bool
     with _Call(acc.weights) as call:
         keep: list = []
         args, _ = _accum(acc, call, keep)
-        segs = _segments(segments, call.device)
-        nm = _as_u8(neuron_masks) if neuron_masks is not None else None
-        rk = _contig(rank, torch.int32) if neuron_masks is None else None
-        sz = _contig(sizes, torch.int32) if neuron_masks is None else None
+        segs = segment_table(segments, call.device)
+        nm = as_u8(neuron_masks) if neuron_masks is not None else None
+        rk = contig(rank, torch.int32) if neuron_masks is None else None
+        sz = contig(sizes, torch.int32) if neuron_masks is None else None
         _check_device(call.device, nm, rk, sz)
         keep += [segs, nm, rk, sz]
         _cuda.structured(call.index, call.stream.cuda_stream, args, segs.data_ptr(), segs.shape[0], int(N),
-                         _ptr(nm), _ptr(rk), _ptr(sz), bool(nonzero))
+                         ptr(nm), ptr(rk), ptr(sz), bool(nonzero))
 
 
 def compact(acc: Accum, segments, N, inv, seg_off, seg_cols) -> None:
     with _Call(acc.weights) as call:
         keep: list = []
         args, _ = _accum(acc, call, keep)
-        segs = _segments(segments, call.device)
-        inv_t = _contig(inv, torch.int32)
-        so = _contig(seg_off, torch.int64)
-        sc = _contig(seg_cols, torch.int64)
+        segs = segment_table(segments, call.device)
+        inv_t = contig(inv, torch.int32)
+        so = contig(seg_off, torch.int64)
+        sc = contig(seg_cols, torch.int64)
         _check_device(call.device, inv_t, so, sc)
         keep += [segs, inv_t, so, sc]
         _cuda.compact(call.index, call.stream.cuda_stream, args, segs.data_ptr(), segs.shape[0], int(N),
-                      _ptr(inv_t), _ptr(so), _ptr(sc))
+                      ptr(inv_t), ptr(so), ptr(sc))
 
 
 def frequency_update(freq, masks, rank, sizes) -> None:
-    if freq.dtype not in _KEY_DTYPES:
-        raise TypeError(f"freq: dtype must be float32, float64, int32 or int64, got {freq.dtype}")
-    if not freq.is_contiguous():
-        raise TypeError("freq: must be contiguous (it is updated in place)")
+    code = freq_code(freq)
     N = freq.numel()
     with _Call(freq) as call:
         if masks is not None:
-            m = _as_u8(masks)
+            m = as_u8(masks)
             _check_device(call.device, m)
             K = m.shape[0] if m.dim() == 2 else (m.numel() // N if N else 0)
             if K == 0 or m.numel() == 0:  # no clients: count 0 (an empty tensor may have no address)
                 freq.add_(0)
                 return
-            _cuda.frequency_update(call.index, call.stream.cuda_stream, freq.data_ptr(), _KEY_DTYPES[freq.dtype],
+            _cuda.frequency_update(call.index, call.stream.cuda_stream, freq.data_ptr(), code,
                                    m.data_ptr(), 0, 0, K, N)
         else:
-            rk = _contig(rank, torch.int32)
-            sz = _contig(sizes, torch.int32).reshape(-1)
+            rk = contig(rank, torch.int32)
+            sz = contig(sizes, torch.int32).reshape(-1)
             _check_device(call.device, rk, sz)
-            _cuda.frequency_update(call.index, call.stream.cuda_stream, freq.data_ptr(), _KEY_DTYPES[freq.dtype],
+            _cuda.frequency_update(call.index, call.stream.cuda_stream, freq.data_ptr(), code,
                                    0, rk.data_ptr(), sz.data_ptr(), sz.numel(), N)
 
 
 def stable_argsort(keys) -> torch.Tensor:
-    k = keys.reshape(-1)
-    if k.dtype not in _KEY_DTYPES:  # exact widening: smaller ints -> int64, smaller floats -> float64
-        k = k.to(torch.float64 if k.dtype.is_floating_point else torch.int64)
-    k = _contig(k)
+    k, code = sort_keys(keys)
     with _Call(k) as call:
         n = k.numel()
         order = torch.empty(n, dtype=torch.int64, device=call.device)
         if n == 0:
             return order
-        code = _KEY_DTYPES[k.dtype]
         sid = call.stream.cuda_stream
         nbytes = _cuda.argsort_workspace(call.index, sid, k.data_ptr(), code, order.data_ptr(), n)
         ws = torch.empty(int(nbytes), dtype=torch.uint8, device=call.device)
@@ -334,8 +258,8 @@ def stable_argsort(keys) -> torch.Tensor:
 
 def nested_masks(order, sizes) -> torch.Tensor:
     with _Call(order) as call:
-        o = _contig(order, torch.int64).reshape(-1)
-        s = _contig(sizes, torch.int64).reshape(-1)
+        o = contig(order, torch.int64).reshape(-1)
+        s = contig(sizes, torch.int64).reshape(-1)
         _check_device(call.device, s)
         out = torch.empty((s.numel(), o.numel()), dtype=torch.bool, device=call.device)
         _cuda.nested_masks(call.index, call.stream.cuda_stream, out.data_ptr(), o.data_ptr(), s.data_ptr(),
