@@ -17,12 +17,7 @@ from fedrac.training import local_train
 S10 = ",".join(f"{0.3 + 0.04 * k:.2f}" for k in range(10))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clients(gen, sizes, shape):
