@@ -5,7 +5,10 @@ For every case this times, round-robin in one process (see benchmarks/common.py)
 * ``ours[<backend>,<nonfinite>]``: :func:`fedrac_kernels.masked_mean_update_` (non-zero rule, no
   weights, as FedRAC) on the [K, P] updates, for each requested back end and for both the default
   ``nonfinite="raise"`` (checked: computed into a scratch buffer, copied into g) and
-  ``"assume_finite"`` (fused in place);
+  ``"assume_finite"`` (fused in place); with ``--cpu-isas base,avx2,avx512`` the cpu back end once per
+  kernel level, ``ours[cpu@<level>,<nonfinite>]``, in the same round-robin (all levels give the same bits);
+  with ``--rules nonzero,masks`` also with explicit bool masks ``U != 0`` (the same active set, so
+  the same result; each client is then two streams, values and mask bytes), ``ours[...,masks]``;
 * ``(a) official``: FedRAC's aggregation on flgo-style model objects (benchmarks/official_fedrac.py);
 * ``(b) stacked``: best plain torch on the stacked updates (count_nonzero, sum, where);
 * ``(b') compiled``: ``torch.compile`` of (b) (skipped with the reason where it cannot compile);
@@ -27,6 +30,8 @@ Usage::
 
     python -m benchmarks.bench_aggregation --device cpu --cases mlp10,resnet10 --out bench_out
     python -m benchmarks.bench_aggregation --device cpu --cases resnet100 --resnet-width 0.25
+    python -m benchmarks.bench_aggregation --device cpu --cases mlp10 --threads 1 --cpu-isas base,avx2,avx512
+    python -m benchmarks.bench_aggregation --device cpu --cases mlp10 --cpu-isas base,avx2 --rules nonzero,masks
     python -m benchmarks.bench_aggregation --device cuda --cases mlp10,resnet10,resnet100,stream1000 --out gpu_out
 """
 from __future__ import annotations
@@ -61,6 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--backends", default=None,
                    help="fedrac_kernels back ends to time (default: cpu on CPU, cuda,triton on CUDA; add torch for the oracle)")
     p.add_argument("--nonfinite", default="raise,assume_finite", help="nonfinite modes for ours")
+    p.add_argument("--cpu-isas", default=None,
+                   help="dense cases: time the cpu back end at each of these kernel levels (comma list from "
+                        "base,avx2,avx512, <= the CPU's) side by side in one round-robin, as ours[cpu@<level>,...] "
+                        "(default: the active level only; FEDRAC_CPU_ISA caps it)")
+    p.add_argument("--rules", default="nonzero",
+                   help="dense cases: comma list from nonzero (masks=None, FedRAC's rule) and masks (explicit "
+                        "bool masks U != 0: same result, K*P more bytes read; labelled ours[...,masks])")
     p.add_argument("--baselines", default="official,stacked,compiled", help="subset of official,stacked,compiled")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="update dtype (dense cases)")
     p.add_argument("--reps", type=int, default=15)
@@ -101,6 +113,32 @@ def case_spec(name: str, args) -> dict:
     raise ValueError(f"unknown case {name!r}")
 
 
+# ---- CPU kernel levels (--cpu-isas) -----------------------------------------------------------
+def _cpu_ext():
+    from fedrac_kernels.backends import cpu as cpu_backend
+
+    return cpu_backend._cpu
+
+
+def cpu_levels(args) -> list:
+    """The --cpu-isas levels, or [None] (the active level, no switching)."""
+    if not args.cpu_isas:
+        return [None]
+    return [x.strip() for x in args.cpu_isas.split(",") if x.strip()]
+
+
+def with_isa(isa, fn):
+    """fn, run at CPU kernel level isa (set before every call), or fn itself when isa is None."""
+    if isa is None:
+        return fn
+    ext = _cpu_ext()
+
+    def run():
+        ext.set_isa(isa)
+        return fn()
+    return run
+
+
 # ---- a dense case -----------------------------------------------------------------------------
 def run_dense_case(name: str, args, backends: list, modes: list, device: torch.device, gen) -> list:
     spec = case_spec(name, args)
@@ -121,33 +159,56 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     variants, notes = {}, {}
     checks = {}
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    bad_rules = [r for r in rules if r not in ("nonzero", "masks")]
+    if bad_rules:
+        raise ValueError(f"--rules: unknown {bad_rules} (nonzero, masks)")
+    M = (U != 0) if "masks" in rules else None  # explicit masks: the non-zero rule's active set
+    var_bytes = {}  # per-variant byte model where it differs from dense_bytes (masks: + K*P)
 
     # (b) and its reference result
     b_result = stacked_mean_update(g0, U) if dtype == torch.float32 else stacked_mean_update(g0, U.float())
 
-    # ours: correctness first (fresh g), then the timed closure on a working copy
+    # ours: correctness first (fresh g), then the timed closure on a working copy; with --cpu-isas the
+    # cpu back end once per kernel level (each call sets its level first), labelled cpu@<level>
+    isa_prev = None
     for be in backends:
         status = fk.backend_report().get(be, "unavailable: unknown back end")
         if not status.startswith("ok"):
             notes[f"ours[{be}]"] = status
             print(f"  skip ours[{be}]: {status}")
             continue
-        try:
-            got = fk.masked_mean_update_(g0.clone(), U, backend=be)
-        except Exception as exc:
-            notes[f"ours[{be}]"] = f"{type(exc).__name__}: {exc}"
-            print(f"  skip ours[{be}]: {notes[f'ours[{be}]']}")
-            continue
-        ref = g0.clone()
-        rows = list(U.unbind(0))
-        torch_ref.dense(Accum(rows=rows, weights=torch.ones(K, device=device), flags=torch.zeros(K, dtype=torch.int32,
-                              device=device), P=P, g=ref, out=ref), None)
-        checks[be] = {"bitwise_vs_oracle": bool(torch.equal(got, ref)),
-                      "max_abs_diff_vs_b": float((got - b_result).abs().max())}
-        for mode in modes:
-            gw = g0.clone()
-            variants[f"ours[{be},{mode}]"] = (lambda gw=gw, be=be, mode=mode:
-                                              fk.masked_mean_update_(gw, U, backend=be, nonfinite=mode))
+        levels = cpu_levels(args) if be == "cpu" else [None]
+        for isa in levels:
+            label = be if isa is None else f"{be}@{isa}"
+            if isa is not None and isa_prev is None:
+                isa_prev = _cpu_ext().get_isa()
+            ref = None
+            for rule in rules:
+                lr = label if rule == "nonzero" else f"{label},masks"
+                Mr = M if rule == "masks" else None
+                try:
+                    got = with_isa(isa, lambda: fk.masked_mean_update_(g0.clone(), U, masks=Mr, backend=be))()
+                except Exception as exc:
+                    notes[f"ours[{lr}]"] = f"{type(exc).__name__}: {exc}"
+                    print(f"  skip ours[{lr}]: {notes[f'ours[{lr}]']}")
+                    continue
+                if ref is None:
+                    ref = g0.clone()
+                    rows = list(U.unbind(0))
+                    torch_ref.dense(Accum(rows=rows, weights=torch.ones(K, device=device),
+                                          flags=torch.zeros(K, dtype=torch.int32, device=device), P=P, g=ref,
+                                          out=ref), None)
+                checks[lr] = {"bitwise_vs_oracle": bool(torch.equal(got, ref)),
+                              "max_abs_diff_vs_b": float((got - b_result).abs().max())}
+                for mode in modes:
+                    gw = g0.clone()
+                    vname = f"ours[{label},{mode}]" if rule == "nonzero" else f"ours[{label},{mode},masks]"
+                    if rule == "masks":
+                        var_bytes[vname] = dense_bytes + K * P
+                    variants[vname] = with_isa(
+                        isa, lambda gw=gw, be=be, mode=mode, Mr=Mr: fk.masked_mean_update_(gw, U, masks=Mr, backend=be,
+                                                                                         nonfinite=mode))
 
     if "stacked" in baselines:
         Ub = U if dtype == torch.float32 else U.float()
@@ -183,6 +244,8 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
 
     timings = common.measure_round_robin(variants, device=device, warmup=args.warmup, reps=args.reps,
                                          max_time=args.max_time, seed=args.seed)
+    if isa_prev is not None:
+        _cpu_ext().set_isa(isa_prev)
     copy_gbps = common.gbps(probe.nbytes, timings["copy"]["median"])
     for t in timings.values():
         if "thread_cpu" in t:
@@ -199,22 +262,26 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
         t_b = tt.get("(b) stacked", {}).get("median")
         t_c = tt.get("(b') compiled", {}).get("median")
         copy_gbps = common.gbps(probe.nbytes, tt["copy"]["median"])
+        nw = max([28] + [len(v) + 1 for v in tt])
         print(f"  [{title}]")
-        print(f"  {'variant':<28}{'median':>11}{'p10':>11}{'p90':>11}{'GB/s':>8}{'%copy':>7}"
+        print(f"  {'variant':<{nw}}{'median':>11}{'p10':>11}{'p90':>11}{'GB/s':>8}{'%copy':>7}"
               f"{'vs (a)':>9}{'vs (b)':>8}{'vs (b`)':>8}")
         for vname, t in tt.items():
             med = t["median"]
-            rate = common.gbps(dense_bytes, med) if vname != "copy" else copy_gbps
+            vbytes = var_bytes.get(vname, dense_bytes)
+            rate = common.gbps(vbytes, med) if vname != "copy" else copy_gbps
             frac = rate / copy_gbps if copy_gbps else float("nan")
             ra = t_a / med if t_a else float("nan")
             rb = t_b / med if t_b else float("nan")
             rc = t_c / med if t_c else float("nan")
-            print(f"  {vname:<28}{common.fmt_time(med):>11}{common.fmt_time(t['p10']):>11}"
+            print(f"  {vname:<{nw}}{common.fmt_time(med):>11}{common.fmt_time(t['p10']):>11}"
                   f"{common.fmt_time(t['p90']):>11}{rate:>8.1f}{100 * frac:>6.0f}%{ra:>8.1f}x{rb:>7.2f}x{rc:>7.2f}x")
             be = vname[5:-1].split(",")[0] if vname.startswith("ours[") else None
+            if be is not None and vname.endswith(",masks]"):
+                be += ",masks"
             records.append({"case": name, "variant": vname, "clock": "wall" if title == "wall" else "thread_cpu",
                             "K": K, "P": P, "dtype": args.dtype, "device": str(device),
-                            "threads": torch.get_num_threads(), "bytes_model": dense_bytes, "median_s": med,
+                            "threads": torch.get_num_threads(), "bytes_model": var_bytes.get(vname, dense_bytes), "median_s": med,
                             "p10_s": t["p10"], "p90_s": t["p90"], "n": t["n"], "gbps": rate, "copy_gbps": copy_gbps,
                             "frac_copy": frac, "speedup_vs_a": ra, "speedup_vs_b": rb, "speedup_vs_b_compiled": rc,
                             "check": checks.get(be) if be else checks.get("(a)") if vname == "(a) official" else None,
@@ -228,7 +295,7 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
                   f"max |ours - (b)| = {c['max_abs_diff_vs_b']:.3g}")
     if "(a)" in checks:
         print(f"  check (a): max |(a) - (b)| = {checks['(a)']['max_abs_diff_vs_b']:.3g} (reciprocal product)")
-    del U, official, variants
+    del U, M, official, variants
     gc.collect()
     return records
 
@@ -335,6 +402,14 @@ def main(argv=None) -> int:
     backends = [b.strip() for b in (args.backends or ("cuda,triton" if device.type == "cuda" else "cpu"))
                 .split(",") if b.strip()]
     modes = [m.strip() for m in args.nonfinite.split(",") if m.strip()]
+    if args.cpu_isas:
+        ok = fk.backend_report().get("cpu", "").startswith("ok")
+        have = list(_cpu_ext().supported_isas()) if ok else []
+        bad = [x for x in cpu_levels(args) if x not in have]
+        if bad:
+            print(f"bench_aggregation: --cpu-isas {','.join(bad)} not available (this CPU runs: "
+                  f"{','.join(have) or 'no cpu back end'})", file=sys.stderr)
+            return 2
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
         if c not in ALL_CASES:

@@ -6,7 +6,8 @@ patterns (NaN positions must match; NaN payloads are not compared), int results 
 Inputs plant exact zeros, NaN/Inf, zero-weight clients holding NaN (never read), odd (prime) sizes,
 K = 1, all update dtypes, conv segments (inner > 1) and 1-D segments. The span kernels exist in up
 to three instruction-set variants (base / avx2 / avx512); the aggregation tests run each one the CPU
-supports.
+supports, forced in-process with set_isa (so an AVX-512 machine also checks the AVX2 multi-client
+kernel), and once in a subprocess capped by FEDRAC_CPU_ISA=avx2.
 """
 from __future__ import annotations
 
@@ -26,15 +27,8 @@ ISAS = _cpu.supported_isas()
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Every instruction-set variant of the span kernels this CPU runs."""
-    prev = _cpu.set_isa(request.param)
-    yield request.param
-    _cpu.set_isa(prev)
-
-
-@pytest.fixture(params=sorted({ISAS[0], ISAS[-1]}))
-def isa2(request):
-    """The portable and the best variant (the structured / compact tests, which are slower)."""
+    """Every instruction-set variant of the span kernels this CPU runs: base (4-client group kernels),
+    avx2 and avx512 (each with its own hand-written multi-client kernel)."""
     prev = _cpu.set_isa(request.param)
     yield request.param
     _cpu.set_isa(prev)
@@ -137,7 +131,7 @@ def run_both(fn_name, acc, *args):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K,P", [(1, 1), (1, 257), (3, 997), (7, 4099), (17, 2053), (6, 40009)])
-def test_dense_nonzero_rule(isa2, gen, dtype, K, P):
+def test_dense_nonzero_rule(isa, gen, dtype, K, P):
     rows = rand_rows(gen, K, P, dtype)
     w = rand_weights(gen, K)
     for mode, inplace in (("final", False), ("final", True), ("acc", False)):
@@ -225,6 +219,155 @@ def test_accumulate_then_finalize_equals_one_shot(isa, gen):
         assert torch.equal(flags, one.flags)
 
 
+# smallest subnormal and number of subnormal steps of each update dtype
+_SUBNORMAL = {torch.float32: (2.0 ** -149, 1 << 23), torch.bfloat16: (2.0 ** -133, 1 << 7),
+              torch.float16: (2.0 ** -24, 1 << 10)}
+
+
+def plant_subnormals(gen, row, frac=0.03):
+    """Replace about frac of row (in place) by random subnormals of its dtype, both signs (exact)."""
+    tiny, steps = _SUBNORMAL[row.dtype]
+    P = row.numel()
+    at = torch.rand(P, generator=gen) < frac
+    m = torch.randint(1, steps, (P,), generator=gen, dtype=torch.int64).double() * tiny
+    m = torch.where(torch.rand(P, generator=gen) < 0.5, -m, m)
+    row[at] = m[at].to(row.dtype)
+    return row
+
+
+def _edge_case_inputs(gen, K, P, dtype, masked):
+    """Rows, weights, masks (or None) and initial num/den for the multi-client kernel edge cases.
+
+    Every active value is finite (a non-finite num would send the tile to the client-by-client
+    tracking re-run, and the multi-client result would never be seen): NaN/Inf are planted only
+    where the mask is off. Planted: exact zeros and -0.0 (inactive under the non-zero rule, active
+    under masks), a zero-weight client full of NaN (never read), elements where no client is active
+    (num/den, including -0.0, must come back unchanged), and masks whose 32- and 64-element blocks
+    are all off, all on (uint8 values other than 1) or mixed, and subnormals of the update dtype
+    (exact widening of f16/bf16 subnormals; w * x rounding into the float32 subnormal range).
+    """
+    rows = rand_rows(gen, K, P, dtype, zero_frac=0.25)
+    for r in rows:
+        plant_subnormals(gen, r)
+    none_active = torch.zeros(P, dtype=torch.bool)
+    none_active[torch.randint(0, P, (max(1, P // 17),), generator=gen)] = True
+    none_active[-1] = True  # the scalar tail too
+    masks = None
+    if masked:
+        masks = []
+        for k in range(K):
+            m = (torch.rand(P, generator=gen) < (0.3 + 0.6 * k / max(1, K - 1))).to(torch.uint8)
+            m *= torch.randint(1, 256, (P,), generator=gen, dtype=torch.int64).to(torch.uint8).clamp(min=1)
+            blk = torch.arange(P) // 32
+            m[blk % 5 == (k % 5)] = 0    # whole dead 32-element blocks, a different set per client
+            m[blk % 7 == 3] = 1          # whole live blocks for every client
+            m[none_active] = 0
+            r = rows[k].float()
+            r[(m == 0) & (torch.rand(P, generator=gen) < 0.3)] = float("nan")
+            r[(m == 0) & (torch.rand(P, generator=gen) < 0.1)] = float("inf")
+            rows[k] = r.to(dtype)
+            masks.append(m)
+    else:
+        for r in rows:
+            r[none_active] = 0.0
+    w = rand_weights(gen, K, zero=(1,) if K > 2 else ())
+    poison(rows, w)
+    init_num = torch.randn(P, generator=gen)
+    init_num[torch.rand(P, generator=gen) < 0.2] = -0.0
+    init_den = torch.rand(P, generator=gen) * 2
+    init_den[torch.rand(P, generator=gen) < 0.2] = -0.0
+    init_den[torch.rand(P, generator=gen) < 0.2] = 0.0
+    return rows, w, masks, init_num, init_den
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_multi_client_kernel_edges(isa, gen, dtype):
+    """The multi-client kernels (avx2, avx512) at their block edges: lengths around 8/32/64-element
+    blocks and a tile (16384), primes, K = 1, K beyond one group of clients (10 without masks, 5
+    with), both rules, weights, accumulate (num/den kept, -0.0 included) and finalize mode."""
+    cases = [(1, 1), (2, 7), (3, 8), (10, 9), (1, 31), (10, 32), (7, 33), (11, 63), (5, 65), (13, 103),
+             (10, 1031), (4, 16384 + 37)]
+    for K, P in cases:
+        for masked in (False, True):
+            rows, w, masks, init_num, init_den = _edge_case_inputs(gen, K, P, dtype, masked)
+            acc = make_acc(rows, w, P, gen, mode="acc")
+            acc.init_num, acc.init_den = init_num, init_den
+            ref, _ = run_both("dense", acc, masks)
+            assert int(ref.flags.sum()) == 0
+            run_both("dense", make_acc(rows, w, P, gen), masks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_levels_agree_under_flush_denormal(gen, dtype):
+    """With FTZ|DAZ set in MXCSR (torch.set_flush_denormal), every level still gives the base level's
+    bits: narrow floats are widened exactly (F16C's vcvtph2ps ignores DAZ; f16 subnormals are float32
+    normals) and the non-zero rule is an integer test, so a float32 subnormal stays active. (The torch
+    oracle is not comparable here: its float compare reads a subnormal as zero under DAZ.) K * P is
+    below one thread's share, so the call runs on this thread, the one whose MXCSR is set."""
+    if len(ISAS) < 2:
+        pytest.skip("one instruction-set level only")
+    K, P = 7, 1031
+    rows = [plant_subnormals(gen, r, frac=0.5) for r in rand_rows(gen, K, P, dtype)]
+    w = rand_weights(gen, K)
+    masks = [(torch.rand(P, generator=gen) < 0.6).to(torch.uint8) for _ in range(K)]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no FTZ/DAZ on this CPU")
+    results = {}
+    prev = _cpu.get_isa()
+    try:
+        for level in ISAS:
+            _cpu.set_isa(level)
+            got = []
+            for m in (None, masks):
+                acc = make_acc(rows, w, P, torch.Generator().manual_seed(5), mode="acc")
+                cpu.dense(acc, m)
+                got += [acc.acc_num, acc.acc_den]
+            results[level] = got
+    finally:
+        torch.set_flush_denormal(False)
+        _cpu.set_isa(prev)
+    base = results[ISAS[0]]
+    for level in ISAS[1:]:
+        for a, b in zip(base, results[level]):
+            assert bits_equal(a, b), level
+
+
+def test_dense_isa_cap_from_environment(tmp_path):
+    """FEDRAC_CPU_ISA=avx2 selects the AVX2 level (and its multi-client kernel) at start-up."""
+    if "avx2" not in ISAS:
+        pytest.skip("the CPU has no AVX2")
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "isa_cap.py"
+    script.write_text(
+        "import torch\n"
+        "from fedrac_kernels.backends import Accum, cpu, torch_ref\n"
+        "assert cpu._cpu.get_isa() == 'avx2', cpu._cpu.get_isa()\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "K, P = 10, 4099\n"
+        "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    rows = [(torch.randn(P, generator=g) * (torch.rand(P, generator=g) < 0.7)).to(dt) for _ in range(K)]\n"
+        "    masks = [torch.rand(P, generator=g) < 0.6 for _ in range(K)]\n"
+        "    w = torch.rand(K, generator=g) + 0.5\n"
+        "    gl = torch.randn(P, generator=g)\n"
+        "    for m in (None, masks):\n"
+        "        outs = []\n"
+        "        for be in (torch_ref, cpu):\n"
+        "            a = Accum(rows=rows, weights=w, flags=torch.zeros(K, dtype=torch.int32), P=P, g=gl,\n"
+        "                      out=torch.empty(P))\n"
+        "            be.dense(a, m)\n"
+        "            outs.append(a.out)\n"
+        "        assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))\n"
+        "print('ok')\n")
+    env = dict(os.environ, FEDRAC_CPU_ISA="avx2", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
+
+
 def test_dense_multithreaded_equals_single_thread(gen):
     K, P = 4, 200_003
     rows = rand_rows(gen, K, P, torch.bfloat16)
@@ -293,8 +436,8 @@ def rand_nested(gen, K, N):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K", [1, 6])
-def test_structured_neuron_masks(isa2, gen, dtype, K):
+@pytest.mark.parametrize("K", [1, 6, 12])  # 12: more than one group of the multi-client kernels
+def test_structured_neuron_masks(isa, gen, dtype, K):
     segs, N, P = make_layout()
     rows = rand_rows(gen, K, P, dtype, nonfinite_clients=(K - 1,))
     w = rand_weights(gen, K, zero=(2,) if K > 2 else ())
@@ -306,7 +449,7 @@ def test_structured_neuron_masks(isa2, gen, dtype, K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_structured_nested_form(isa2, gen, dtype):
+def test_structured_nested_form(isa, gen, dtype):
     segs, N, P = make_layout()
     K = 5
     rows = rand_rows(gen, K, P, dtype)
@@ -413,7 +556,7 @@ def pack_compact(segs, N, delta, kept_lists, sites, dtype, skip_segments=()):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compact(isa2, gen, dtype):
+def test_compact(isa, gen, dtype):
     segs, N, P = make_layout()
     sites = [(0, 13), (13, 11), (24, 7), (31, 1831)]
     K = 5

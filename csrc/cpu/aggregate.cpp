@@ -29,6 +29,10 @@ constexpr int64_t kMinWork = 1 << 16;     // element-client updates per extra th
 constexpr int64_t kPackedRowsBelow = 64;  // gated rows shorter than this share one gate buffer
 constexpr int64_t kMultiGroup = 10;       // clients per pass of the multi-client kernel
 constexpr int64_t kMultiMinRow = 256;     // structured rows at least this long use it
+// Dense with explicit masks: each client is two memory streams (values and mask bytes); a pass of
+// 10 clients (20 streams) took 1.4-2.0x as long as two passes of 5 (AVX2 and AVX-512 multi-client
+// kernels, K = 10 fp32, mlp10 / resnet10, 2026-11-21, benchmarks/RESULTS.md).
+constexpr int64_t kMultiGroupMasked = kMultiGroup / 2;
 int64_t g_gate_table_limit = int64_t(64) << 20;
 
 /* Per-thread tile buffers, 64-byte aligned. */
@@ -507,7 +511,7 @@ extern "C" int fk_cpu_dense(const fk_accum_args* a, const uint8_t* const* masks,
           // clients in groups (in order): several streams at once, num/den touched once per group;
           // with explicit masks, a client's all-zero 64-element mask chunks skip its values
           const bool multi = c.kern->accum_multi != nullptr;
-          const int64_t gmax = multi ? kMultiGroup : 4;
+          const int64_t gmax = multi ? (masks ? kMultiGroupMasked : kMultiGroup) : 4;
           const int64_t ngroups = (nl + gmax - 1) / gmax;
           for (int64_t q = 0, gi = 0; gi < ngroups; ++gi) {
             const int G = (int)((nl - q + (ngroups - gi) - 1) / (ngroups - gi));  // balanced sizes

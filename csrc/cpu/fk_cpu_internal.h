@@ -70,7 +70,8 @@ typedef void (*accum_group_fn)(float* num, float* den, const void* const* v, int
                                const uint8_t* const* gates, const float* w, int64_t n, int G);
 /* Any number of clients (G >= 1) at once, added in order, without non-finite tracking: client c
  * is active where (gates == NULL || gates[c][j] != 0) && (!nonzero || x != 0); a client's
- * all-zero 64-element gate chunks are not read. Only the AVX-512 level has one. */
+ * all-zero 64-element gate chunks are not read. The AVX2 and AVX-512 levels have one (hand-written
+ * intrinsics: multi_avx2.cpp, multi_avx512.cpp); the base level has accum_group instead. */
 typedef void (*accum_multi_fn)(float* num, float* den, const void* const* v, int dtype,
                                const uint8_t* const* gates, const float* w, int64_t n, int G, int nonzero);
 /* 1 iff some x[j] is inf or nan */
@@ -89,6 +90,8 @@ struct SpanKernels {
   widen_fn widen;
 };
 #if defined(__x86_64__)
+void accum_multi_avx2(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
+                      const float* w, int64_t n, int G, int nonzero);
 void accum_multi_avx512(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
                         const float* w, int64_t n, int G, int nonzero);
 #endif

@@ -281,7 +281,6 @@ FK_DEFINE_LEVEL(base, )
 FK_DEFINE_GROUP(base, )
 #if defined(__x86_64__)
 FK_DEFINE_LEVEL(avx2, __attribute__((target("avx2,bmi,bmi2,popcnt,f16c"))))
-FK_DEFINE_GROUP(avx2, __attribute__((target("avx2,bmi,bmi2,popcnt,f16c"))))
 FK_DEFINE_LEVEL(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi,bmi2,popcnt,f16c"))))
 #endif
 
@@ -291,7 +290,7 @@ const SpanKernels& span_kernels_for(Isa level) {
 #define FK_TABLE(NAME, GROUP, MULTI) {accum_##NAME, GROUP, MULTI, any_nonfinite_##NAME, finalize_##NAME, widen_##NAME}
   static const SpanKernels base = FK_TABLE(base, accum_group_base, nullptr);
 #if defined(__x86_64__)
-  static const SpanKernels avx2 = FK_TABLE(avx2, accum_group_avx2, nullptr);
+  static const SpanKernels avx2 = FK_TABLE(avx2, nullptr, accum_multi_avx2);
   static const SpanKernels avx512 = FK_TABLE(avx512, nullptr, accum_multi_avx512);
   if (level >= ISA_AVX512) return avx512;
   if (level == ISA_AVX2) return avx2;
