@@ -95,6 +95,28 @@ void accum_multi_avx2(float* num, float* den, const void* const* v, int dtype, c
 void accum_multi_avx512(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
                         const float* w, int64_t n, int G, int nonzero);
 #endif
+/* accum_multi_fn over a level's kernel template: Kernel::run<DT, NONZERO, GATED>(num, den, v, gates, w,
+ * n, G) instantiated for the 3 update dtypes x the non-zero rule x gates present, chosen at run time. */
+template <class Kernel, int DT>
+void accum_multi_flags(float* num, float* den, const void* const* v, const uint8_t* const* gates,
+                       const float* w, int64_t n, int G, int nonzero) {
+  if (gates) {
+    if (nonzero) Kernel::template run<DT, true, true>(num, den, v, gates, w, n, G);
+    else Kernel::template run<DT, false, true>(num, den, v, gates, w, n, G);
+  } else {
+    if (nonzero) Kernel::template run<DT, true, false>(num, den, v, nullptr, w, n, G);
+    else Kernel::template run<DT, false, false>(num, den, v, nullptr, w, n, G);
+  }
+}
+template <class Kernel>
+void accum_multi_dispatch(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
+                          const float* w, int64_t n, int G, int nonzero) {
+  switch (dtype) {
+    case FK_F32: accum_multi_flags<Kernel, FK_F32>(num, den, v, gates, w, n, G, nonzero); break;
+    case FK_BF16: accum_multi_flags<Kernel, FK_BF16>(num, den, v, gates, w, n, G, nonzero); break;
+    default: accum_multi_flags<Kernel, FK_F16>(num, den, v, gates, w, n, G, nonzero); break;
+  }
+}
 const SpanKernels& span_kernels();  // for the active level
 const SpanKernels& span_kernels_for(Isa level);
 

@@ -99,27 +99,19 @@ FK_AVX512_TARGET void multi_t(float* num, float* den, const void* const* v, cons
   }
 }
 
-template <int DT>
-void multi_dt(float* num, float* den, const void* const* v, const uint8_t* const* gates, const float* w,
-              int64_t n, int G, int nonzero) {
-  if (gates) {
-    if (nonzero) multi_t<DT, true, true>(num, den, v, gates, w, n, G);
-    else multi_t<DT, false, true>(num, den, v, gates, w, n, G);
-  } else {
-    if (nonzero) multi_t<DT, true, false>(num, den, v, nullptr, w, n, G);
-    else multi_t<DT, false, false>(num, den, v, nullptr, w, n, G);
+struct Multi {
+  template <int DT, bool NZ, bool GATED>
+  static void run(float* num, float* den, const void* const* v, const uint8_t* const* gates, const float* w,
+                  int64_t n, int G) {
+    multi_t<DT, NZ, GATED>(num, den, v, gates, w, n, G);
   }
-}
+};
 
 }  // namespace
 
 void accum_multi_avx512(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
                         const float* w, int64_t n, int G, int nonzero) {
-  switch (dtype) {
-    case FK_F32: multi_dt<FK_F32>(num, den, v, gates, w, n, G, nonzero); break;
-    case FK_BF16: multi_dt<FK_BF16>(num, den, v, gates, w, n, G, nonzero); break;
-    default: multi_dt<FK_F16>(num, den, v, gates, w, n, G, nonzero); break;
-  }
+  accum_multi_dispatch<Multi>(num, den, v, dtype, gates, w, n, G, nonzero);
 }
 
 }  // namespace fkcpu
