@@ -52,6 +52,7 @@ __all__ = [
     "evaluate",
     "masks_accuracy",
     "nested_candidate_accuracy",
+    "nested_candidate_counts",
     "nested_masks",
     "client_metrics",
 ]
@@ -175,33 +176,44 @@ def masks_accuracy(model, params, x, y, masks, *, batch_size: Optional[int] = No
     _check_data(x, y, params)
     masks = _check_masks(model, masks)
     _bind(model, params)
-    rows = _rows(model, batch_size)
-    dev = params.device
+    correct, loss_sum, inv = _masks_counts(model, x, y, masks, _rows(model, batch_size), return_loss)
+    out = _result(correct, loss_sum, x.shape[0], return_loss)
+    if return_loss:
+        return out[0][inv], out[1][inv]
+    return out[inv]
+
+
+def _block_rows(model, rows: int, U: int) -> int:
+    """Data rows per evaluation block of :func:`_masks_counts` / the fused walk for U submodels:
+    every block is computed on its own, so any set of whole blocks gives the same per-block bits."""
+    return rows if isinstance(model, MaskedMLP) else max(1, rows // U)
+
+
+def _masks_counts(model, x, y, masks, rows: int, want_loss: bool):
+    """(correct int64 [U], loss_sum float64 [U], inverse [S]) of the U distinct rows of ``masks``
+    (bool [S, N]) on ``(x, y)``, in blocks of :func:`_block_rows` data rows."""
+    dev = x.device
     uniq, inv = torch.unique(masks, dim=0, return_inverse=True)
     U = uniq.shape[0]
     fmasks = uniq.to(device=dev, dtype=torch.float32)
     correct = torch.zeros(U, dtype=torch.int64)
     loss_sum = torch.zeros(U, dtype=torch.float64)
     n = x.shape[0]
+    b = _block_rows(model, rows, U)
     if isinstance(model, MaskedMLP):
-        for i in range(0, n, rows):
-            xb, yb = x[i:i + rows], y[i:i + rows]
+        for i in range(0, n, b):
+            xb, yb = x[i:i + b], y[i:i + b]
             h = model.forward_shared(xb)
             for u in range(U):
                 logits = model.forward_rest(h, fmasks[u])
                 correct[u] += int((logits.argmax(1) == yb).sum())
-                if return_loss:
+                if want_loss:
                     loss_sum[u] += float(F.cross_entropy(logits.double(), yb, reduction="sum"))
     else:
-        b = max(1, rows // U)
         for i in range(0, n, b):
             xb, yb = x[i:i + b], y[i:i + b]
-            _stacked_counts(model, model.forward_shared(xb), yb, fmasks, rows, correct, loss_sum,
-                            return_loss)
-    out = _result(correct, loss_sum, n, return_loss)
-    if return_loss:
-        return out[0][inv.cpu()], out[1][inv.cpu()]
-    return out[inv.cpu()]
+            _stacked_counts(model, model.forward_shared(xb), yb, fmasks, rows, correct, loss_sum, want_loss)
+    return correct, loss_sum, inv.cpu()
 
 
 def _check_order_sizes(N: int, order, sizes):
@@ -537,13 +549,51 @@ def nested_candidate_accuracy(model, params, x, y, order, sizes, *,
     _check_data(x, y, params)
     order, sizes = _check_order_sizes(model.num_neurons, order, sizes)
     _bind(model, params)
-    rows = _rows(model, batch_size)
-    n = x.shape[0]
+    correct, loss_sum = _nested_counts(model, x, y, order, sizes, _rows(model, batch_size), return_loss)
+    return _result(correct, loss_sum, x.shape[0], return_loss)
+
+
+def _nested_counts(model, x, y, order, sizes, rows: int, want_loss: bool):
     if isinstance(model, MaskedMLP):
-        correct, loss_sum = _mlp_nested_counts(model, x, y, order, sizes, rows, return_loss)
-        return _result(correct, loss_sum, n, return_loss)
-    return masks_accuracy(model, params, x, y, nested_masks(order, sizes, model.num_neurons),
-                          batch_size=batch_size, return_loss=return_loss)
+        return _mlp_nested_counts(model, x, y, order, sizes, rows, want_loss)
+    correct, loss_sum, inv = _masks_counts(model, x, y, nested_masks(order, sizes, model.num_neurons), rows,
+                                           want_loss)
+    return correct[inv], loss_sum[inv]
+
+
+def shard_rows(model, n: int, sizes, shard: tuple, batch_size: Optional[int] = None) -> torch.Tensor:
+    """int64 row indices of shard ``i`` of ``W`` (``shard = (i, W)``) of an ``n``-row evaluation set
+    for :func:`nested_candidate_counts`: the evaluation blocks ``b`` with ``b % W == i``, whole, in
+    order - the same blocks the one-process call computes, so the shards' counts sum exactly to
+    its counts."""
+    i, W = (int(v) for v in shard)
+    if W < 1 or not 0 <= i < W:
+        raise ValueError(f"shard: expected (i, W) with 0 <= i < W, got {shard!r}")
+    sizes = torch.as_tensor(sizes).to(torch.int64).reshape(-1)
+    U = max(1, int(torch.unique(sizes.clamp(0, model.num_neurons)).numel()))
+    unit = _block_rows(model, _rows(model, batch_size), U)
+    starts = torch.arange(i * unit, max(n, i * unit), W * unit, dtype=torch.int64)
+    idx = (starts.unsqueeze(1) + torch.arange(unit, dtype=torch.int64)).reshape(-1)
+    return idx[idx < n]
+
+
+@torch.no_grad()
+def nested_candidate_counts(model, params, x, y, order, sizes, *, batch_size: Optional[int] = None,
+                            shard: Optional[tuple] = None) -> torch.Tensor:
+    """Correct-prediction counts (int64 ``[C]``, CPU) of the nested candidates of
+    :func:`nested_candidate_accuracy` on ``(x, y)``, or with ``shard=(i, W)`` on the rows
+    :func:`shard_rows` gives shard i: the W shards' counts add up to exactly the unsharded counts
+    (integers; every block is computed as the one-process call computes it). Distributed runs
+    split the candidate sweep this way: each rank evaluates 1/W of the validation set and one
+    all-reduce sums the counts; accuracy = counts / len(x)."""
+    _check_data(x, y, params)
+    order, sizes = _check_order_sizes(model.num_neurons, order, sizes)
+    if shard is not None:
+        idx = shard_rows(model, x.shape[0], sizes, shard, batch_size).to(x.device)
+        x, y = x.index_select(0, idx), y.index_select(0, idx)
+    _bind(model, params)
+    correct, _ = _nested_counts(model, x, y, order, sizes, _rows(model, batch_size), False)
+    return correct.cpu()
 
 
 # --------------------------------------------------------------------------------------------

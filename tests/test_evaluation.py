@@ -156,6 +156,43 @@ def test_nested_resnet_equals_masks(gen):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_nested_counts_shards_sum_to_the_one_process_counts(kind, gen):
+    """The distributed candidate sweep: W ranks each count 1/W of the rows (whole evaluation
+    blocks, round robin) and the counts add up exactly to the one-process counts."""
+    from fedrac.evaluation import nested_candidate_counts, shard_rows
+
+    if kind == "mlp":
+        m, p = _mlp()
+        p = p + 0.3 * torch.randn(p.shape, generator=gen)
+        n, bs = 101, 8                      # 13 blocks of 8 rows, the last one of 5
+        x, y = torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+        order, sizes = torch.randperm(m.num_neurons, generator=gen), torch.tensor([400, 8, 200, 64, 0, 200])
+    else:
+        m, p = _resnet()
+        n, bs = 11, 8                       # 4 distinct candidates: blocks of 2 rows
+        x, y = torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 6, (n,), generator=gen)
+        order, sizes = torch.randperm(1024, generator=gen), torch.tensor([1024, 64, 512, 0])
+    acc = nested_candidate_accuracy(m, p, x, y, order, sizes, batch_size=bs)
+    full = nested_candidate_counts(m, p, x, y, order, sizes, batch_size=bs)
+    assert full.dtype == torch.int64 and torch.equal(full.double() / n, acc)
+    assert full.sum() > 0 and full.max() < n    # not a degenerate all-wrong / all-right case
+    unit = 8 if kind == "mlp" else 2
+    for W in (1, 2, 3, 5, 20):
+        parts = [shard_rows(m, n, sizes, (i, W), bs) for i in range(W)]
+        rows = torch.cat(parts)
+        assert torch.equal(torch.sort(rows).values, torch.arange(n))      # a partition of the rows
+        for i, idx in enumerate(parts):                                 # whole blocks b = i mod W
+            assert all(int(r) // unit % W == i for r in idx)
+        counts = [nested_candidate_counts(m, p, x, y, order, sizes, batch_size=bs, shard=(i, W)) for i in range(W)]
+        assert torch.equal(torch.stack(counts).sum(0), full), W
+        for i in range(W):
+            assert torch.equal(counts[i], nested_candidate_counts(m, p, x[parts[i]], y[parts[i]], order, sizes,
+                                                                  batch_size=bs))
+    with pytest.raises(ValueError, match="shard"):
+        nested_candidate_counts(m, p, x, y, order, sizes, shard=(2, 2))
+
+
 def test_nested_masks_and_bad_arguments():
     nm = nested_masks(torch.tensor([2, 0, 1]), torch.tensor([0, 1, 3, 2]))
     assert nm.tolist() == [[False, False, False], [False, False, True], [True, True, True],
