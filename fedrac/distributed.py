@@ -11,8 +11,9 @@ Back end: NCCL on GPUs (rank ``r`` uses ``cuda:LOCAL_RANK``), Gloo on CPUs (``--
 What each rank does (every rank loads the data and builds the same state from the same seeds):
 
 * **Clients are sharded** in contiguous blocks (:func:`shard_range`; deterministic, balanced to
-  within one client). A rank trains only its block (``client_batch`` at a time) and streams the
-  updates into one ``fedrac_kernels.StreamingAggregator`` (accumulate mode: float32 ``num``/``den``).
+  within one client). A rank trains only its block (``client_batch`` at a time; the width methods
+  and Aequa one client at a time, ``chunk_size``) and streams the updates into one
+  ``fedrac_kernels.StreamingAggregator`` (accumulate mode: float32 ``num``/``den``).
   The clients of the other ranks are not trained here, but their RNG streams are advanced exactly
   as their training advances them, so every rank holds every client's stream state (checkpoints
   are complete, resume works with any number of processes).
@@ -21,7 +22,8 @@ What each rank does (every rank loads the data and builds the same state from th
   nibbles, exact in float32: every rank checks that all ranks computed the same allocation); each
   rank then applies the summed masked mean, so the global model is the same bits on every rank.
   The result equals the single-process run up to float association (the partial sums are added
-  in a different order); the same configuration on the same ranks gives the same bits twice.
+  in a different order; bit for bit where it agrees, e.g. 2 ranks holding 2 + 1 clients that
+  train one at a time); the same configuration on the same ranks gives the same bits twice.
 * **Server-side steps** (allocation, candidate evaluation, frequency table) run identically on
   every rank from the same state; only rank 0 evaluates the reward models for the metrics and
   writes outputs and checkpoints (through the single-process loop, :func:`fedrac.runner.execute`).
@@ -35,8 +37,19 @@ What each rank does (every rank loads the data and builds the same state from th
   and by torchrun, which stops the other workers.
 
 Resume: ``torchrun ... -m fedrac run --distributed --resume RUN_DIR`` (every rank reads RUN_DIR:
-a shared file system, or a copy on every node). Algorithms: those using the shared
-:class:`~fedrac.algorithms.base.MaskedAlgorithm` round (fedrac, its ablations, fedsac).
+a shared file system, or a copy on every node).
+
+Algorithms: every one that uses the shared :class:`~fedrac.algorithms.base.MaskedAlgorithm`
+round and its hooks (:func:`supported_algorithms`): fedrac and its ablations, fedsac, heterofl,
+fedrolex, fjord (every ``aggregation``, ``compact`` included: each rank adds its clients'
+compact uploads to its aggregator) and aequa (both ``allocation`` modes). Their server-side
+randomness (dynamic rate assignment, FjORD's step widths, Aequa's sub-step widths) is drawn in
+``allocate`` on every rank from the same ``sim.generator`` state, before any training, and is
+part of the checked digest (``round_digest``); a client whose training makes several
+``local_train`` calls (FjORD's runs of equal width, Aequa's sub-steps) has its stream replayed
+call by call on the other ranks (``local_runs``). Algorithms with personal models or their own
+round (cffl, cgsv, fedave, fedavg, fedavg_plain, fedpw, fedpw_plain, iafl, standalone) are
+refused at start-up with a message naming the algorithm.
 
 Fault injection for tests: ``FEDRAC_FAIL_AT=RANK:ROUND`` makes that rank raise when its clients
 start training in that round.
@@ -114,9 +127,11 @@ class DistContext:
         if self.stage != stage:
             raise DistributedError(f"protocol error on rank {self.rank}: at {self.stage!r}, expected {stage!r}")
 
-    def before_training(self, r: int, sim, mine: range) -> None:
+    def before_training(self, r: int, sim, mine: range, runs=None) -> None:
         """Called by the round before this rank trains its clients: fault injection, and the
-        other ranks' clients' RNG streams advanced as their training advances them."""
+        other ranks' clients' RNG streams advanced as their training advances them: one
+        ``local_train`` call of ``local_steps`` steps each, or the calls ``runs(k)`` lists
+        (``num_steps`` of each call, in order: FjORD's runs of equal width, Aequa's sub-steps)."""
         from .batched import advance_streams
 
         self.round = r
@@ -129,8 +144,18 @@ class DistContext:
             if frank == self.rank and fround == r:
                 raise RuntimeError(f"injected failure ({ENV_FAIL}={spec})")
         others = [k for k in range(sim.K) if k not in mine]
-        advance_streams([sim.client_sizes[k] for k in others], [sim.client_generators[k] for k in others],
-                        num_steps=int(sim.cfg["local_steps"]), batch_size=int(sim.cfg["batch_size"]))
+        bs = int(sim.cfg["batch_size"])
+        if runs is None:
+            advance_streams([sim.client_sizes[k] for k in others], [sim.client_generators[k] for k in others],
+                            num_steps=int(sim.cfg["local_steps"]), batch_size=bs)
+            return
+        groups: dict = {}
+        for k in others:
+            groups.setdefault(tuple(int(n) for n in runs(k)), []).append(k)
+        for calls, ks in groups.items():
+            for n in calls:             # every call draws a fresh permutation (local_train's data order)
+                advance_streams([sim.client_sizes[k] for k in ks], [sim.client_generators[k] for k in ks],
+                                num_steps=n, batch_size=bs)
 
     def sum_aggregators(self, agg, digest: bytes) -> None:
         """DATA: sum every rank's ``(num, den)`` and counts into ``agg`` (one all-reduce), with the
@@ -256,16 +281,35 @@ def _worker_loop(prep, ctx: DistContext, start: int) -> None:
             break
 
 
-def _check_algorithm(prep) -> None:
+def distributed_support(cls) -> Optional[str]:
+    """None when algorithm class ``cls`` runs with ``--distributed``, else why not."""
     from .algorithms.base import MaskedAlgorithm
+
+    if not (isinstance(cls, type) and issubclass(cls, MaskedAlgorithm)):
+        return ("it is not a submodel method over one global model (personal models or its own round), so "
+                "its round cannot be split into per-rank partial sums")
+    if cls.round is not MaskedAlgorithm.round:
+        return "it overrides round() instead of using the shared submodel round's hooks"
+    if cls.aggregate is not MaskedAlgorithm.aggregate:
+        return "it overrides aggregate(); the ranks can only sum the shared streamed aggregation"
+    return None
+
+
+def supported_algorithms() -> list[str]:
+    """The registered algorithm names that run with ``--distributed``."""
+    from . import algorithms
+
+    return [n for n in algorithms.available() if distributed_support(algorithms.get(n)) is None]
+
+
+def _check_algorithm(prep) -> None:
     from .config import ConfigError
 
-    algo = prep.algo
-    if not isinstance(algo, MaskedAlgorithm) or type(algo).round is not MaskedAlgorithm.round \
-            or type(algo).aggregate is not MaskedAlgorithm.aggregate:
-        raise ConfigError(f"--distributed supports the algorithms that use the shared submodel round "
-                          f"(fedrac, its ablations, fedsac); {prep.cfg['algorithm']} has its own round - "
-                          f"run it without --distributed")
+    name = prep.cfg["algorithm"]
+    why = distributed_support(type(prep.algo))
+    if why is not None:
+        raise ConfigError(f"--distributed does not support {name}: {why}. Run {name} without --distributed; "
+                          f"--distributed runs {', '.join(supported_algorithms())}")
 
 
 def run_from_cli(args) -> int:

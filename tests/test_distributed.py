@@ -159,6 +159,51 @@ def test_resume_after_the_failure_is_bit_identical(failed, full, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ga["clients"], gb["clients"]))
 
 
+def test_width_methods_and_aequa_match_the_single_process_run_bit_for_bit(tmp_path):
+    """The shared round's hooks on 2 processes: FjORD (compact uploads, dynamic rates; several
+    ``local_train`` calls per client - its runs of equal step width - replayed call by call for the
+    other rank's clients) and Aequa (slimmable 1-step sub-steps; round 1 full model with the
+    post-training allocation, round 2 training-time widths). With 3 clients (ranks hold 0-1 and 2)
+    the all-reduce adds the partial sums in the single process's order, so every bit agrees:
+    metrics, model, frequency table and every client's RNG stream."""
+    for algo, sets in (("fjord", ["aggregation=compact", "rate_assignment=dynamic"]),
+                       ("aequa", ["allocation=training_time", "allocation_start_round=2", "slimmable=true"])):
+        args = ["--quiet", "--device", "cpu", "-a", algo, "--clients", "3", "--rounds", "2", "--set",
+                "standalone_acc=0.3,0.5,0.7", "--set", "plots=false", "--set", "local_steps=4"]
+        for kv in sets:
+            args += ["--set", kv]
+        one, two = tmp_path / f"{algo}-1", tmp_path / f"{algo}-2"
+        assert main(["run", "--out", str(one)] + args) == 0
+        p = torchrun(["--out", str(two)] + args)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert records(two) == records(one), algo
+        ra, sa, ga = state(two)
+        rb, sb, gb = state(one)
+        assert ra == rb == 2
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in ("w", "freq")), algo
+        assert torch.equal(ga["server"], gb["server"])
+        assert all(torch.equal(x, y) for x, y in zip(ga["clients"], gb["clients"])), algo
+
+
+def test_algorithms_with_their_own_round_are_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from fedrac import algorithms
+    from fedrac.config import ConfigError
+    from fedrac.distributed import _check_algorithm, distributed_support, supported_algorithms
+
+    ok = supported_algorithms()
+    assert {"fedrac", "fedsac", "heterofl", "fedrolex", "fjord", "aequa"} <= set(ok)
+    for name in ("cffl", "cgsv", "fedave", "fedavg", "fedpw", "iafl", "standalone"):
+        assert name not in ok and distributed_support(algorithms.get(name)) is not None
+    cls = algorithms.get("fedavg")
+    with pytest.raises(ConfigError) as e:
+        _check_algorithm(SimpleNamespace(cfg={"algorithm": "fedavg"}, algo=cls.__new__(cls)))
+    msg = str(e.value)
+    assert "--distributed does not support fedavg" in msg and "without --distributed" in msg
+    assert "fjord" in msg and "\n" not in msg
+
+
 def test_distributed_needs_torchrun(tmp_path, capsys):
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
     try:

@@ -69,7 +69,6 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-import fedrac_kernels as fk
 from fedrac_kernels.interop import fedrolex_neuron_sets, heterofl_neuron_sets
 
 from ..config import ConfigError, Option
@@ -232,7 +231,14 @@ def _check_rates(key: str, vals) -> None:
 
 class WidthAlgorithm(MaskedAlgorithm):
     """Base of HeteroFL / FedRolex / FjORD (module doc). Subclasses set ``rolling`` and
-    ``default_weighting`` and may override :meth:`train_client` / :meth:`allocate`."""
+    ``default_weighting`` and may override :meth:`train_client` (with :meth:`local_runs` when it
+    makes other local-training calls than one of ``local_steps``) / :meth:`allocate`.
+
+    The round is :class:`MaskedAlgorithm`'s: :meth:`train_chunk` trains the clients one by one
+    (:meth:`chunk_size` 1) through :meth:`train_client`, :meth:`check_update` runs
+    ``check_structure``, :meth:`compact_indices` gives each client's kept neurons in local order
+    for ``aggregation=compact`` (streamed ``compact_pack`` + ``add_compact``, one client at a
+    time). So the methods also run with ``stream_aggregation`` and ``fedrac run --distributed``."""
 
     rolling: ClassVar[bool] = False
     default_weighting: ClassVar[str] = "uniform"
@@ -325,6 +331,26 @@ class WidthAlgorithm(MaskedAlgorithm):
         """Client k's new parameters (a new tensor) from ``self.w`` with its submodel."""
         return self.sim.local_train(k, self.w, mask=alloc.mask(k))
 
+    def chunk_size(self) -> int:
+        """1: the clients train one after another whatever ``client_batch``, so the round holds
+        one client's update at a time (O(P) memory, as the compact uploads promise)."""
+        return 1
+
+    def train_chunk(self, ks: range, alloc: Allocation, r: int) -> torch.Tensor:
+        """The clients of the chunk one after another through :meth:`train_client` (the width
+        methods' clients always train sequentially, whatever ``client_batch``)."""
+        out = self._rows(len(ks))
+        for i, k in enumerate(ks):
+            out[i].copy_(self.train_client(k, alloc, r))
+        return out
+
+    def check_update(self, k: int, delta: torch.Tensor, alloc: Allocation) -> None:
+        if self.cfg["check_structure"]:
+            self._check_structure(k, delta, alloc)
+
+    def compact_indices(self, k: int, alloc: Allocation) -> torch.Tensor:
+        return self.kept_k[k]
+
     def _check_structure(self, k: int, delta: torch.Tensor, alloc: Allocation) -> None:
         m = alloc.mask(k)
         if m is None:
@@ -335,40 +361,6 @@ class WidthAlgorithm(MaskedAlgorithm):
             raise RuntimeError(f"check_structure: client {k}'s update has {bad} non-zero values outside its "
                                "submodel (weight decay / momentum or an unmasked path?); the compact upload "
                                "would drop them")
-
-    # the round ------------------------------------------------------------------------------------
-    def round(self, r: int) -> dict:
-        sim, cfg = self.sim, self.cfg
-        self.extras = {}
-        alloc = self.allocate(r)
-        dev = self.freq.device
-        fk.frequency_update_(self.freq, order=alloc.order.to(dev), sizes=alloc.sizes.to(dev))
-        weights = self.aggregation_weights(r)
-        check = bool(cfg["check_structure"])
-        if cfg["aggregation"] == "compact":
-            agg = fk.StreamingAggregator(self.w, layout=sim.layout)
-            for k in range(sim.K):
-                delta = self.train_client(k, alloc, r).sub_(self.w)
-                if check:
-                    self._check_structure(k, delta, alloc)
-                upload = fk.compact_pack(delta, sim.layout, self.kept_k[k])
-                del delta
-                agg.add_compact(upload, self.kept_k[k], weight=1.0 if weights is None else weights[k])
-            agg.apply_(self.w)
-        else:
-            deltas = []
-            for k in range(sim.K):
-                delta = self.train_client(k, alloc, r).sub_(self.w)
-                if check:
-                    self._check_structure(k, delta, alloc)
-                deltas.append(delta)
-            self.aggregate(deltas, alloc, r)
-        self.alloc = alloc
-        f = self.freq.to(torch.float64)
-        out = {"freq_mean": float(f.mean()), "freq_var": float(f.var(unbiased=False)),
-               "submodel_size": alloc.counts().tolist()}
-        out.update(self.extras)
-        return out
 
     # state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -11,9 +11,14 @@ its numbers as Aequa's without validating against the paper.
   every width grid is one fused nested evaluation and the masks are the kernels' nested form.
 * Local training: in every local step the client trains its full (maximum) width and one width
   drawn uniformly from ``[rho_min, rho_max]`` (rho_min = 0.25; the draws come from the server's
-  generator). The spec sums the two gradients at the same point; here the two steps are applied
-  one after the other (each a 1-step ``local_train`` call with its own minibatch), equal to first
-  order in the learning rate - the simulator exposes whole local-training calls, not gradients.
+  generator, all of a round's at its start in ``allocate``, client by client and step by step, so
+  distributed ranks draw the same widths and replay the other ranks' clients' 1-step calls,
+  :meth:`AequaStyle.local_runs`). The spec sums the two gradients at the same point; here the two
+  steps are applied one after the other (each a 1-step ``local_train`` call with its own
+  minibatch), equal to first order in the learning rate - the simulator exposes whole
+  local-training calls, not gradients. The round is the shared
+  :class:`~fedrac.algorithms.base.MaskedAlgorithm` round through its hooks (so
+  ``stream_aggregation`` and ``fedrac run --distributed`` apply).
 * Aggregation: the per-parameter mean over the clients that updated the parameter (§4.9).
 * Allocation from the accuracy-vs-width curve ``acc(rho)`` on V over the grid
   ``rho_min, rho_min + width_step, ..., 1``: target ``a_k = acc(rho_min) + (s_k - min s) /
@@ -29,13 +34,12 @@ its numbers as Aequa's without validating against the paper.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
-
-import fedrac_kernels as fk
 
 from ..config import ConfigError, Option
 from . import register
@@ -138,6 +142,7 @@ class AequaStyle(MaskedAlgorithm):
         self.grid_sizes = [width_size(g, self.site_widths) for g in self.grid]
         self.s = [float(v) for v in torch.as_tensor(sim.standalone, dtype=torch.float64).tolist()]
         self.widths = [1.0] * sim.K
+        self.sub_sizes: list = [[] for _ in range(sim.K)]
 
     # -----------------------------------------------------------------------------------------
     def curve(self) -> list[float]:
@@ -163,45 +168,67 @@ class AequaStyle(MaskedAlgorithm):
         rho = lo + u * max(0.0, rho_max - lo)
         return width_size(rho, self.site_widths)
 
-    def train_client(self, k: int, size_max: int, rho_max: float) -> torch.Tensor:
-        sim = self.sim
-        wk = self.w
-        top_mask = self._mask(size_max)
-        for _ in range(int(self.cfg["local_steps"])):
-            wk = sim.local_train(k, wk, mask=top_mask, num_steps=1)
-            if self.cfg["slimmable"]:
-                size = self._random_size(rho_max)
-                if size < size_max:
-                    wk = sim.local_train(k, wk, mask=self._mask(size), num_steps=1)
-        return wk.sub_(self.w)
-
-    def round(self, r: int) -> dict:
+    # the round: MaskedAlgorithm's, through its hooks ------------------------------------------
+    def allocate(self, r: int) -> Optional[Allocation]:
+        """``training_time`` (from ``allocation_start_round``): the widths from the curve on the
+        current model (counted in ``freq``); otherwise None (everybody trains the full model).
+        Then every client's random sub-step widths of the round are drawn from the server
+        generator, client by client and step by step (the order the training consumes them)."""
         sim, cfg = self.sim, self.cfg
         self.extras = {"reconstructed": True}
         if r == 1:
             self.extras["reconstruction_note"] = NOTE
         training_time = cfg["allocation"] == "training_time" and r >= cfg["allocation_start_round"]
-        if training_time:
-            train_alloc = self.allocation_from_curve(self.curve())
-            rho_max = list(self.widths)
-        else:
-            train_alloc = Allocation.full(sim.K, sim.N)
-            train_alloc.order = self.order
-            rho_max = [1.0] * sim.K
-        if training_time:
-            fk.frequency_update_(self.freq, order=train_alloc.order.to(self.freq.device),
-                                 sizes=train_alloc.sizes.to(self.freq.device))
-        deltas = [self.train_client(k, int(train_alloc.sizes[k]), rho_max[k]) for k in range(sim.K)]
-        self.aggregate(deltas, train_alloc, r)
-        if training_time:
-            self.alloc = train_alloc
-        else:
-            self.alloc = self.allocation_from_curve(self.curve())
-        f = self.freq.to(torch.float64)
-        out = {"freq_mean": float(f.mean()), "freq_var": float(f.var(unbiased=False)),
-               "submodel_size": self.alloc.counts().tolist()}
-        out.update(self.extras)
+        alloc = self.allocation_from_curve(self.curve()) if training_time else None
+        rho_max = list(self.widths) if training_time else [1.0] * sim.K
+        steps = int(cfg["local_steps"])
+        self.sub_sizes = [[self._random_size(rho_max[k]) for _ in range(steps)] if cfg["slimmable"] else []
+                          for k in range(sim.K)]
+        return alloc
+
+    def _size_max(self, k: int, alloc: Allocation) -> int:
+        return int(alloc.sizes[k])
+
+    def chunk_size(self) -> int:
+        return 1            # the clients train one after another (several local_train calls each)
+
+    def train_chunk(self, ks: range, alloc: Allocation, r: int) -> torch.Tensor:
+        """Every local step: one step of the client's maximum width, then (``slimmable``) one step
+        of its drawn sub-width when that is narrower; one ``local_train`` call each."""
+        sim = self.sim
+        out = self._rows(len(ks))
+        for i, k in enumerate(ks):
+            size_max = self._size_max(k, alloc)
+            top_mask = self._mask(size_max)
+            wk = self.w
+            for step in range(int(self.cfg["local_steps"])):
+                wk = sim.local_train(k, wk, mask=top_mask, num_steps=1)
+                if self.sub_sizes[k]:
+                    size = self.sub_sizes[k][step]
+                    if size < size_max:
+                        wk = sim.local_train(k, wk, mask=self._mask(size), num_steps=1)
+            out[i].copy_(wk)
         return out
+
+    def local_runs(self, k: int, alloc: Allocation, r: int) -> list:
+        """One 1-step ``local_train`` call per local step at the maximum width, and one per
+        narrower sub-step (:meth:`train_chunk`)."""
+        size_max = self._size_max(k, alloc)
+        calls = int(self.cfg["local_steps"]) + sum(1 for size in self.sub_sizes[k] if size < size_max)
+        return [1] * calls
+
+    def reward_allocation(self, alloc: Allocation, r: int) -> Allocation:
+        """``post_training`` (and ``training_time`` before its start round): the widths from the
+        curve on the aggregated model; ``training_time``: the widths trained."""
+        if self.cfg["allocation"] == "training_time" and r >= self.cfg["allocation_start_round"]:
+            return alloc
+        return self.allocation_from_curve(self.curve())
+
+    def round_digest(self, alloc: Allocation) -> bytes:
+        """The allocation and every client's drawn sub-step sizes."""
+        h = hashlib.sha256(super().round_digest(alloc))
+        h.update(repr(self.sub_sizes).encode())
+        return h.digest()
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

@@ -55,7 +55,22 @@ are loaded with ``torch.load(weights_only=True)``); ``load_state_dict`` gets it 
 
 Submodel methods subclass :class:`MaskedAlgorithm` and implement only :meth:`MaskedAlgorithm.allocate`
 (which neurons each client gets this round); training from the global model with the mask, the
-frequency table and the masked mean (``fedrac_kernels``) are shared.
+frequency table and the masked mean (``fedrac_kernels``) are shared. The shared round is never
+overridden; methods that train or aggregate differently use its hooks::
+
+    train_chunk(ks, alloc, r) -> float32 [len(ks), P]   new parameters of clients ks (default: one
+                                                         batched sim.local_train_many call)
+    chunk_size() -> int                                  clients per train_chunk call (default:
+                                                         client_batch, 8 when it is <= 1)
+    local_runs(k, alloc, r) -> [num_steps, ...]          the local_train calls train_chunk makes for k
+    check_update(k, delta, alloc)                        optional per-client check before aggregation
+    compact_indices(k, alloc) -> int64 indices           aggregation=compact: k's upload rows/columns
+    reward_allocation(alloc, r) -> Allocation            the rewards' allocation after aggregation
+    round_digest(alloc) -> bytes                         what distributed ranks must agree on
+
+so every MaskedAlgorithm also runs with ``stream_aggregation`` and ``fedrac run --distributed``
+(HeteroFL / FedRolex / FjORD: per-client training and compact uploads; Aequa: slimmable sub-steps
+and the post-training allocation).
 """
 from __future__ import annotations
 
@@ -253,12 +268,24 @@ class MaskedAlgorithm(Algorithm):
     ``structural_mean`` iff its neurons are in k's mask (``fk.structured_mean_update_``).
     Rewards: ``w`` with each client's mask of the last round.
 
+    ``aggregation=compact`` (offered by the width methods) streams every client's compact upload
+    (``fk.compact_pack`` of its :meth:`compact_indices`, ``StreamingAggregator.add_compact``, in
+    client order): the structural rule computed from the clients' sub-tensors.
+
     Execution (same results up to float rounding; bit for bit for a given setting): clients train
-    ``client_batch`` at a time as one batched computation (``sim.local_train_many``); with
-    ``stream_aggregation`` their updates stream through ``fk.StreamingAggregator`` chunk by chunk
-    (O(P + client_batch x P) memory, the same bits as the one-call aggregation); in distributed runs
-    (``sim.dist``) each rank trains its block of clients and the ranks' partial (num, den) are summed
-    by one all-reduce (:mod:`fedrac.distributed`).
+    in chunks of :meth:`chunk_size` clients through :meth:`train_chunk` (default: ``client_batch``
+    at a time as one batched computation, ``sim.local_train_many``); each update passes
+    :meth:`check_update`; with ``stream_aggregation`` (always for ``compact``) the updates stream
+    through ``fk.StreamingAggregator`` chunk by chunk (O(P + chunk_size x P) memory, the same bits
+    as the one-call aggregation); in distributed runs (``sim.dist``) each rank trains its block of
+    clients, replays the other clients' data draws (:meth:`local_runs`), and the ranks' partial
+    (num, den) are summed by one all-reduce (:mod:`fedrac.distributed`).
+
+    Hooks a subclass may override (defaults: the plain masked round): :meth:`train_chunk`,
+    :meth:`chunk_size`, :meth:`local_runs`, :meth:`check_update`, :meth:`compact_indices`,
+    :meth:`reward_allocation`, :meth:`round_digest`, :meth:`aggregation_weights`. Server-side randomness is drawn in
+    :meth:`allocate` (which every rank runs), never in :meth:`train_chunk` (which a rank runs only
+    for its own clients).
     """
 
     options: ClassVar[dict[str, Option]] = {
@@ -279,13 +306,64 @@ class MaskedAlgorithm(Algorithm):
     def allocate(self, r: int) -> Optional[Allocation]:
         """The allocation of round r from the current state (``self.w`` before training), or None
         for "full model for everybody, not counted in the frequency table". May put per-round
-        values to log into ``self.extras``. Subclasses that override ``round`` entirely (Aequa)
-        need not implement it."""
-        raise TypeError(f"{type(self).__name__} must implement allocate(r) or override round(r)")
+        values to log into ``self.extras``. Every draw of server-side randomness the round needs
+        (``sim.generator``) is made here, never while training: distributed ranks all run
+        ``allocate`` but each trains only its own clients."""
+        raise TypeError(f"{type(self).__name__} must implement allocate(r)")
 
     def aggregation_weights(self, r: int):
         """K client weights for the masked mean (None = all 1)."""
         return None
+
+    # optional hooks (defaults: the plain masked round) -----------------------------------------
+    def train_chunk(self, ks: range, alloc: Allocation, r: int) -> torch.Tensor:
+        """float32 ``[len(ks), P]``: the new parameters of the consecutive clients ``ks`` trained
+        from ``self.w`` with their submodels (at most :meth:`chunk_size` clients). Default: one
+        batched computation, ``sim.local_train_many(ks, self.w, masks)``.
+
+        The result may be a reused work buffer (the round subtracts ``self.w`` from it in place
+        before the next call). Overrides train through ``sim.local_train`` /
+        ``sim.local_train_many`` only, take any server-side randomness from what ``allocate``
+        drew, and report the calls they make per client in :meth:`local_runs`."""
+        return self.sim.local_train_many(ks, self.w, alloc.chunk_masks(ks))
+
+    def chunk_size(self) -> int:
+        """Clients per :meth:`train_chunk` call (the streamed round holds one ``[chunk_size, P]``
+        chunk of updates). Default: ``client_batch`` (one batched computation), 8 when it is <= 1
+        (the clients train one by one; their updates still reach the aggregator 8 at a time).
+        Methods that always train their clients one by one return 1 (O(P) round memory)."""
+        cb = int(self.cfg.get("client_batch", 1) or 1)
+        return 8 if cb <= 1 else cb
+
+    def local_runs(self, k: int, alloc: Allocation, r: int) -> list:
+        """``num_steps`` of each local-training call :meth:`train_chunk` makes for client ``k`` in
+        round ``r``, in order (every call starts a fresh shuffled pass of the client's data).
+        Distributed runs replay exactly these draws for the clients another rank trains. Default:
+        one call of ``local_steps``."""
+        return [int(self.cfg["local_steps"])]
+
+    def check_update(self, k: int, delta: torch.Tensor, alloc: Allocation) -> None:
+        """Optional check of client ``k``'s update (``delta`` = new parameters - ``self.w``,
+        float32 [P]) before it is aggregated; raise to stop the round. Default: none."""
+
+    def compact_indices(self, k: int, alloc: Allocation) -> torch.Tensor:
+        """``aggregation=compact``: client ``k``'s flat neuron indices in its local order (the rows
+        and columns of its compact upload, :func:`fedrac_kernels.compact_pack`). Default: the
+        neurons of its mask (nested: the prefix of ``order``, in that order)."""
+        if alloc.nested:
+            return alloc.order[: int(alloc.sizes[k])].clone()
+        return torch.nonzero(alloc.masks[k].cpu(), as_tuple=False).view(-1)
+
+    def reward_allocation(self, alloc: Allocation, r: int) -> Allocation:
+        """The allocation the rewards use after round ``r`` (the model is aggregated already).
+        Default: the training allocation."""
+        return alloc
+
+    def round_digest(self, alloc: Allocation) -> bytes:
+        """What every distributed rank must have computed identically before training (checked
+        in the round's all-reduce). Default: the allocation; subclasses add the server-side draws
+        that shape their training (e.g. FjORD's step widths)."""
+        return alloc.digest()
 
     # shared -------------------------------------------------------------------------------------
     def round(self, r: int) -> dict:
@@ -305,31 +383,33 @@ class MaskedAlgorithm(Algorithm):
             self._stream_round(alloc, r)
         else:
             deltas = []
-            cb = int(self.cfg.get("client_batch", 1) or 1)
-            if cb <= 1:
-                for k in range(sim.K):
-                    wk = sim.local_train(k, self.w, mask=alloc.mask(k))
-                    deltas.append(wk.sub_(self.w))
-            else:
-                for a in range(0, sim.K, cb):
-                    ks = range(a, min(a + cb, sim.K))
-                    wk = sim.local_train_many(ks, self.w, alloc.chunk_masks(ks))
-                    deltas.extend(wk.sub(self.w).unbind(0))
+            for ks in self._chunks(range(sim.K)):
+                rows = self.train_chunk(ks, alloc, r).sub(self.w).unbind(0)
+                for k, d in zip(ks, rows):
+                    self.check_update(k, d, alloc)
+                deltas.extend(rows)
             self.aggregate(deltas, alloc, r)
-        self.alloc = alloc
+        self.alloc = self.reward_allocation(alloc, r)
         f = self.freq.to(torch.float64)
         out = {"freq_mean": float(f.mean()), "freq_var": float(f.var(unbiased=False)),
-               "submodel_size": alloc.counts().tolist()}
+               "submodel_size": self.alloc.counts().tolist()}
         out.update(self.extras)
         return out
+
+    def _chunks(self, clients: range):
+        """Consecutive chunks of ``clients`` for :meth:`train_chunk`."""
+        cb = max(1, int(self.chunk_size()))
+        for a in range(clients.start, clients.stop, cb):
+            yield range(a, min(a + cb, clients.stop))
 
     def _streaming(self) -> bool:
         sim = self.sim
         custom = type(self).aggregate is not MaskedAlgorithm.aggregate
-        if getattr(sim, "dist", None) is not None:
-            if custom:
-                raise ConfigError(f"{type(self).__name__} overrides aggregate(); distributed runs need the "
-                                  "shared streamed aggregation")
+        compact = self.cfg.get("aggregation") == "compact"
+        if custom and (compact or getattr(sim, "dist", None) is not None):
+            raise ConfigError(f"{type(self).__name__} overrides aggregate(); compact uploads and distributed "
+                              "runs need the shared streamed aggregation")
+        if compact or getattr(sim, "dist", None) is not None:
             return True
         mode = self.cfg.get("stream_aggregation", False)
         if custom or mode is False:
@@ -340,7 +420,9 @@ class MaskedAlgorithm(Algorithm):
 
     def _stream_round(self, alloc: Allocation, r: int) -> None:
         """Train this process's clients chunk by chunk, streaming the updates into one
-        ``fk.StreamingAggregator``; in distributed runs the ranks' (num, den) are summed first."""
+        ``fk.StreamingAggregator`` (``aggregation=compact``: every client's compact upload, one
+        client at a time, in client order); in distributed runs the ranks' (num, den) are summed
+        first."""
         sim, cfg = self.sim, self.cfg
         dist = getattr(sim, "dist", None)
         weights = self.aggregation_weights(r)
@@ -348,21 +430,25 @@ class MaskedAlgorithm(Algorithm):
             weights = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
             if len(weights) != sim.K:
                 raise ValueError(f"weights: expected {sim.K} client weights, got {len(weights)}")
-        structural = cfg["aggregation"] == "structural_mean"
-        agg = fk.StreamingAggregator(self.w, layout=sim.layout if structural else None)
+        mode = cfg["aggregation"]
+        structural, compact = mode == "structural_mean", mode == "compact"
+        agg = fk.StreamingAggregator(self.w, layout=sim.layout if (structural or compact) else None)
         mine = range(sim.K) if dist is None else dist.shard(sim.K)
         if dist is not None:
-            dist.before_training(r, sim, mine)
-        cb = int(cfg.get("client_batch", 1) or 1)
-        if cb <= 1:
-            cb = 8          # clients train one by one; their updates still reach the aggregator 8 at a time
-        for a in range(mine.start, mine.stop, cb):
-            ks = range(a, min(a + cb, mine.stop))
-            upd = sim.local_train_many(ks, self.w, alloc.chunk_masks(ks))
+            dist.before_training(r, sim, mine, runs=self._replay_runs(alloc, r))
+        for ks in self._chunks(mine):
+            upd = self.train_chunk(ks, alloc, r)
             upd.sub_(self.w)
+            for i, k in enumerate(ks):
+                self.check_update(k, upd[i], alloc)
             wts = 1.0 if weights is None else weights[ks.start:ks.stop]
             try:
-                if structural:
+                if compact:
+                    for i, k in enumerate(ks):
+                        kept = self.compact_indices(k, alloc)
+                        upload = fk.compact_pack(upd[i], sim.layout, kept)
+                        agg.add_compact(upload, kept, weight=1.0 if weights is None else weights[k])
+                elif structural:
                     nm = alloc.chunk_neuron_masks(ks)
                     if not alloc.nested:
                         nm = nm.to(self.w.device)
@@ -377,8 +463,23 @@ class MaskedAlgorithm(Algorithm):
                 raise e
             del upd
         if dist is not None:
-            dist.sum_aggregators(agg, alloc.digest())
+            dist.sum_aggregators(agg, self.round_digest(alloc))
         agg.apply_(self.w)
+
+    def _replay_runs(self, alloc: Allocation, r: int):
+        """For distributed runs: None when every client makes one ``local_steps`` call (the
+        default :meth:`local_runs`), else ``k -> [num_steps of each call]``."""
+        if type(self).local_runs is MaskedAlgorithm.local_runs:
+            return None
+        return lambda k: self.local_runs(k, alloc, r)
+
+    def _rows(self, n: int) -> torch.Tensor:
+        """A reused float32 ``[n, P]`` work buffer for :meth:`train_chunk` overrides."""
+        buf = getattr(self, "_row_buffer", None)
+        if buf is None or buf.shape[0] < n or buf.device != self.w.device:
+            buf = torch.empty(max(n, 1), self.sim.P, dtype=torch.float32, device=self.w.device)
+            self._row_buffer = buf
+        return buf[:n]
 
     def aggregate(self, deltas: list, alloc: Allocation, r: int) -> None:
         weights = self.aggregation_weights(r)

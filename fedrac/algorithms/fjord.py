@@ -15,10 +15,13 @@ weights). Client k's reward is the global model at ``p_max``.
 Local steps with different widths: the simulator's client-training call takes one mask for all
 its steps, so the steps are run as consecutive runs of equal width, one ``local_train`` call per
 run; each call starts a fresh shuffled pass of the client's data (a client that draws one width for
-all its steps - e.g. at the smallest level - trains exactly as one call would).
+all its steps - e.g. at the smallest level - trains exactly as one call would). Distributed runs
+replay exactly those calls' draws for the clients of other ranks (:meth:`FjORD.local_runs`); the
+step widths come from the server generator in ``allocate``, which every rank runs.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Optional
 
@@ -105,3 +108,15 @@ class FjORD(WidthAlgorithm):
         if wk is self.w:                    # no local steps
             wk = self.w.clone()
         return wk
+
+    def local_runs(self, k: int, alloc, r: int) -> list:
+        """One ``local_train`` call per run of equal step width (:meth:`train_client`): each call
+        draws a fresh permutation of the client's data, so the runs, not ``local_steps``, say how
+        far the client's stream moves."""
+        return [n for _p, n in runs(self.step_widths[k])]
+
+    def round_digest(self, alloc) -> bytes:
+        """The allocation and every client's step widths (drawn in :meth:`allocate`)."""
+        h = hashlib.sha256(super().round_digest(alloc))
+        h.update(repr(self.step_widths).encode())
+        return h.digest()
