@@ -17,19 +17,25 @@ What each rank does (every rank loads the data and builds the same state from th
   The clients of the other ranks are not trained here, but their RNG streams are advanced exactly
   as their training advances them, so every rank holds every client's stream state (checkpoints
   are complete, resume works with any number of processes).
-* **One all-reduce per round** sums the ranks' ``(num, den)`` together with the error flag, the
+* **One data all-reduce per round** sums the ranks' ``(num, den)`` together with the
   client counts and a 64-bit digest of the round's allocation (sum and sum of squares of 16
   nibbles, exact in float32: every rank checks that all ranks computed the same allocation); each
   rank then applies the summed masked mean, so the global model is the same bits on every rank.
   The result equals the single-process run up to float association (the partial sums are added
   in a different order; bit for bit where it agrees, e.g. 2 ranks holding 2 + 1 clients that
   train one at a time); the same configuration on the same ranks gives the same bits twice.
-* **Server-side steps** (allocation, candidate evaluation, frequency table) run identically on
-  every rank from the same state; only rank 0 evaluates the reward models for the metrics and
-  writes outputs and checkpoints (through the single-process loop, :func:`fedrac.runner.execute`).
+* **Server-side steps** (allocation, frequency table) run identically on every rank from the
+  same state. The **candidate sweep is split**: every ``split="val"`` nested evaluation
+  (FedRAC's and FedSAC's candidates, Aequa's width curve) counts the correct predictions of each
+  rank's 1/W of the validation set (whole evaluation blocks, round robin:
+  :func:`fedrac.evaluation.nested_candidate_counts`) and one int64 all-reduce sums the counts, so
+  the accuracies are exactly the one-process ones at 1/W of the cost per rank. Only rank 0
+  evaluates the reward models for the metrics and writes outputs and checkpoints (through the
+  single-process loop, :func:`fedrac.runner.execute`).
 * **Rounds are lock-stepped**: after rank 0 wrote a round's metrics and checkpoint, every rank
-  joins a small all-reduce (``round_end``). A rank that fails (any exception, at any point) takes
-  part in the collective pending at that moment with its error flag set instead of its data, so
+  joins a small all-reduce (``round_end``). Every protocol step (EVAL, DATA, SYNC, FINAL) opens
+  with the same one-float all-reduce, the gate, so a rank that fails (any exception, at any
+  point) joins whichever step is pending with its error flag set instead of its data, and
   every rank stops at the same point; the ranks then exchange their error messages, each prints
   one line, and all exit non-zero. A checkpoint is written atomically by rank 0 only after the
   round's all-reduce, so the last checkpoint is always intact. A rank that dies without raising
@@ -52,7 +58,7 @@ round (cffl, cgsv, fedave, fedavg, fedavg_plain, fedpw, fedpw_plain, iafl, stand
 refused at start-up with a message naming the algorithm.
 
 Fault injection for tests: ``FEDRAC_FAIL_AT=RANK:ROUND`` makes that rank raise when its clients
-start training in that round.
+start training in that round (``RANK:ROUND:sweep``: in its share of the candidate sweep).
 """
 from __future__ import annotations
 
@@ -94,16 +100,18 @@ def env_world() -> Optional[tuple[int, int, int]]:
 class DistContext:
     """This process's place in a distributed run and the per-round protocol.
 
-    Every rank performs the same sequence of collectives: per round ``DATA`` (inside the
-    algorithm's round, :meth:`sum_aggregators`) then ``SYNC`` (:meth:`round_end`), and ``FINAL``
-    after the last round (:meth:`finish`). A failing rank performs the pending one with its error
-    flag set (:meth:`abort`); a rank that sees a flag performs no further protocol collective.
-    Then all ranks exchange messages (``all_gather_object``).
+    Every rank performs the same sequence of steps: per round ``DATA`` (inside the algorithm's
+    round, :meth:`sum_aggregators`), with any number of ``EVAL`` before or after it (the sharded
+    sweep, :meth:`sum_counts`; the same calls on every rank), then ``SYNC`` (:meth:`round_end`), and ``FINAL`` after the
+    last round (:meth:`finish`). Each step opens with the gate (:meth:`_gate`, one float, the
+    same shape for every step), then carries its payload. A failing rank joins the pending gate
+    with its error flag set (:meth:`abort`); a rank that sees a flag performs no further
+    protocol collective. Then all ranks exchange messages (``all_gather_object``).
     """
 
     def __init__(self, rank: int, world: int, local_rank: int, backend: str, device: torch.device, P: int = 0):
         self.rank, self.world, self.local_rank = int(rank), int(world), int(local_rank)
-        self.P = int(P)               # parameters of the global model (the DATA collective's size)
+        self.P = int(P)               # parameters of the global model
         self.backend = backend
         self.device = torch.device(device)
         self.stage = "data"           # data | sync | final | done | aborted
@@ -135,14 +143,7 @@ class DistContext:
         from .batched import advance_streams
 
         self.round = r
-        spec = os.environ.get(ENV_FAIL, "")
-        if spec:
-            try:
-                frank, fround = (int(v) for v in spec.split(":")[:2])
-            except ValueError:
-                frank, fround = -1, -1
-            if frank == self.rank and fround == r:
-                raise RuntimeError(f"injected failure ({ENV_FAIL}={spec})")
+        self._inject("train")
         others = [k for k in range(sim.K) if k not in mine]
         bs = int(sim.cfg["batch_size"])
         if runs is None:
@@ -157,29 +158,43 @@ class DistContext:
                 advance_streams([sim.client_sizes[k] for k in ks], [sim.client_generators[k] for k in ks],
                                 num_steps=n, batch_size=bs)
 
+    def _inject(self, where: str) -> None:
+        """Fault injection for tests: ``FEDRAC_FAIL_AT=RANK:ROUND[:WHERE]`` raises on that rank in
+        that round at ``train`` (default: when its clients start training) or ``sweep`` (in the
+        sharded candidate sweep, before its EVAL step)."""
+        spec = os.environ.get(ENV_FAIL, "")
+        if not spec:
+            return
+        parts = spec.split(":")
+        try:
+            frank, fround = int(parts[0]), int(parts[1])
+        except (ValueError, IndexError):
+            return
+        at = parts[2] if len(parts) > 2 and parts[2] else "train"
+        if frank == self.rank and fround == self.round and at == where:
+            raise RuntimeError(f"injected failure ({ENV_FAIL}={spec})")
+
     def sum_aggregators(self, agg, digest: bytes) -> None:
-        """DATA: sum every rank's ``(num, den)`` and counts into ``agg`` (one all-reduce), with the
-        error flag and the allocation check."""
+        """DATA: sum every rank's ``(num, den)`` and counts into ``agg`` (the gate, then one
+        all-reduce), with the allocation check."""
         import torch.distributed as tdist
 
         self._expect("data")
         sd = agg.state_dict()
         P = int(sd["P"])
         nib = _nibbles(digest)
-        tail = torch.tensor([0.0, float(sd["clients"]), float(sd["positive"]), float(sd["seen"])]
+        tail = torch.tensor([float(sd["clients"]), float(sd["positive"]), float(sd["seen"])]
                             + [float(v) for v in nib] + [float(v * v) for v in nib], dtype=torch.float32)
         buf = torch.empty(2 * P + tail.numel(), dtype=torch.float32, device=agg.device)
         buf[:P].copy_(sd["num"])
         buf[P:2 * P].copy_(sd["den"])
         buf[2 * P:].copy_(tail.to(agg.device))
+        self._pass_gate()
         self.stage = "sync"
         tdist.all_reduce(buf)
         t = buf[2 * P:].cpu()
-        if float(t[0]) > 0:
-            self.stage = "aborted"
-            raise DistributedError("stopped: another rank failed")
-        s1 = t[4:4 + _HASH_SLOTS]
-        s2 = t[4 + _HASH_SLOTS:]
+        s1 = t[3:3 + _HASH_SLOTS]
+        s2 = t[3 + _HASH_SLOTS:]
         W = float(self.world)
         mine1 = torch.tensor([W * v for v in nib], dtype=torch.float32)
         mine2 = torch.tensor([W * v * v for v in nib], dtype=torch.float32)
@@ -189,24 +204,42 @@ class DistContext:
                                    "server-side evaluation is not reproducible across the ranks' devices)")
         sd["num"] = buf[:P]
         sd["den"] = buf[P:2 * P]
-        sd["clients"], sd["positive"], sd["seen"] = int(t[1]), int(t[2]), int(t[3])
+        sd["clients"], sd["positive"], sd["seen"] = int(t[0]), int(t[1]), int(t[2])
         sd["dropped"] = []
         agg.load_state_dict(sd)
 
-    def _flag_allreduce(self, flag: float) -> bool:
+    def _gate(self, flag: float) -> bool:
+        """The one-float all-reduce that opens every protocol step: True iff some rank's flag is set."""
         import torch.distributed as tdist
 
         t = torch.tensor([flag], dtype=torch.float32, device=self.device)
         tdist.all_reduce(t)
         return float(t.item()) > 0
 
+    def _pass_gate(self) -> None:
+        if self._gate(0.0):
+            self.stage = "aborted"
+            raise DistributedError("stopped: another rank failed")
+
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """EVAL (inside the round, before or after DATA; every rank makes the same calls): the sum over the
+        ranks of an integer count vector (the sharded candidate sweep, :meth:`fedrac.runner.
+        Simulation.nested_accuracy`), exact: int64 on the wire. Returns int64 on the CPU."""
+        import torch.distributed as tdist
+
+        if self.stage not in ("data", "sync"):      # anywhere in the round (Aequa: after DATA)
+            self._expect("data")
+        self._inject("sweep")
+        t = counts.to(device=self.device, dtype=torch.int64).contiguous()
+        self._pass_gate()
+        tdist.all_reduce(t)
+        return t.cpu()
+
     def round_end(self, r: int, final: bool = False) -> None:
         """SYNC: round ``r`` is complete on rank 0 (outputs and checkpoint written)."""
         self._expect("sync")
         self.stage = "final" if final else "data"
-        if self._flag_allreduce(0.0):
-            self.stage = "aborted"
-            raise DistributedError("stopped: another rank failed")
+        self._pass_gate()
         self.completed = r
         self.round = r + 1
 
@@ -214,9 +247,7 @@ class DistContext:
         """FINAL: rank 0 wrote the summary; everybody may exit."""
         self._expect("final")
         self.stage = "done"
-        if self._flag_allreduce(0.0):
-            self.stage = "aborted"
-            raise DistributedError("stopped: another rank failed")
+        self._pass_gate()
 
     def abort(self, exc: BaseException) -> list:
         """After an exception on this rank: join the pending collective with the error flag (unless
@@ -229,15 +260,9 @@ class DistContext:
         peer_stop = isinstance(exc, DistributedError) and str(exc).startswith("stopped:")
         own = None if peer_stop else f"{type(exc).__name__}: {exc}"
         try:
-            if self.stage == "data":
-                P = self.P
-                buf = torch.zeros(2 * P + 4 + 2 * _HASH_SLOTS, dtype=torch.float32, device=self.device)
-                buf[2 * P] = 1.0
+            if self.stage in ("data", "sync", "final"):   # every pending step opens with the gate
                 self.stage = "aborted"
-                tdist.all_reduce(buf)
-            elif self.stage in ("sync", "final"):
-                self.stage = "aborted"
-                self._flag_allreduce(1.0)
+                self._gate(1.0)
             self.stage = "aborted"
             msgs: list = [None] * self.world
             tdist.all_gather_object(msgs, (self.round, own))
@@ -359,7 +384,7 @@ def run_from_cli(args) -> int:
             _check_algorithm(prep)
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             err = e
-        failed = ctx._flag_allreduce(1.0 if err is not None else 0.0)
+        failed = ctx._gate(1.0 if err is not None else 0.0)
         if failed:
             msgs: list = [None] * size
             usage = cli._usage_errors()

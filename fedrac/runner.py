@@ -163,10 +163,20 @@ class Simulation:
         return float(accuracy(self.model, params, x, y, mask=mask, batch_size=self.eval_batch_size))
 
     def nested_accuracy(self, params: torch.Tensor, order, sizes, split: str = "val") -> torch.Tensor:
-        from .evaluation import nested_candidate_accuracy
+        """float64 ``[S]``. In distributed runs a ``split="val"`` evaluation is collective (it is made
+        in the round, which every rank runs): each rank counts its 1/W of the rows and the counts
+        are summed exactly (:meth:`fedrac.distributed.DistContext.sum_counts`)."""
+        from .evaluation import nested_candidate_accuracy, nested_candidate_counts
 
         x, y = self._split(split)
-        return nested_candidate_accuracy(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size)
+        dist = self.dist
+        if dist is None or dist.world <= 1 or split != "val":
+            return nested_candidate_accuracy(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size)
+        counts = nested_candidate_counts(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size,
+                                         shard=(dist.rank, dist.world))
+        n = x.shape[0]
+        counts = dist.sum_counts(counts)
+        return counts.to(torch.float64) / n if n else torch.full(counts.shape, float("nan"), dtype=torch.float64)
 
     def masks_accuracy(self, params: torch.Tensor, masks: torch.Tensor, split: str = "val") -> torch.Tensor:
         from .evaluation import masks_accuracy

@@ -166,7 +166,8 @@ def test_width_methods_and_aequa_match_the_single_process_run_bit_for_bit(tmp_pa
     post-training allocation, round 2 training-time widths). With 3 clients (ranks hold 0-1 and 2)
     the all-reduce adds the partial sums in the single process's order, so every bit agrees:
     metrics, model, frequency table and every client's RNG stream."""
-    for algo, sets in (("fjord", ["aggregation=compact", "rate_assignment=dynamic"]),
+    for algo, sets in (("fedrac", []),                  # its candidate sweep split across the ranks
+                       ("fjord", ["aggregation=compact", "rate_assignment=dynamic"]),
                        ("aequa", ["allocation=training_time", "allocation_start_round=2", "slimmable=true"])):
         args = ["--quiet", "--device", "cpu", "-a", algo, "--clients", "3", "--rounds", "2", "--set",
                 "standalone_acc=0.3,0.5,0.7", "--set", "plots=false", "--set", "local_steps=4"]
@@ -183,6 +184,58 @@ def test_width_methods_and_aequa_match_the_single_process_run_bit_for_bit(tmp_pa
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in ("w", "freq")), algo
         assert torch.equal(ga["server"], gb["server"])
         assert all(torch.equal(x, y) for x, y in zip(ga["clients"], gb["clients"])), algo
+
+
+def test_candidate_sweep_is_split_across_the_ranks_exactly(tmp_path):
+    """Simulation.nested_accuracy(split="val") in a run of W ranks: each rank counts its 1/W of V
+    (whole evaluation blocks) and hands the counts to the EVAL step; the summed counts give
+    exactly the one-process accuracies. Test-set evaluations (rank 0's metrics) are not split."""
+    from fedrac import runner
+
+    layer = {"algorithm": "fedrac", "rounds": "2", "out": str(tmp_path / "run"), "progress": "false",
+             "plots": "false", "standalone_acc": S10, "eval_batch_size": "16"}
+    sim = runner.prepare([("test", layer)]).sim
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(sim.P, generator=gen) * 0.1
+    order = torch.randperm(sim.N, generator=gen)
+    sizes = list(range(8, sim.N + 1, 8))
+    ref = sim.nested_accuracy(w, order, sizes, split="val")
+    n = sim.val_data()[0].shape[0]
+    assert n > 3 * 16 and 0 < float(ref.min()) and float(ref.max()) < 1
+
+    class Ranks:                       # W fake ranks: sum_counts collects each rank's share
+        def __init__(self, rank, world, shares):
+            self.rank, self.world, self.shares = rank, world, shares
+
+        def sum_counts(self, counts):
+            self.shares.append(counts.clone())
+            return torch.stack(self.shares).sum(0) if len(self.shares) == self.world else counts
+
+    for W in (2, 3):
+        shares: list = []
+        for rank in range(W):
+            sim.dist = Ranks(rank, W, shares)
+            acc = sim.nested_accuracy(w, order, sizes, split="val")
+        sim.dist = None
+        assert len(shares) == W and all(0 < int(c.sum()) < int(sum(c.sum() for c in shares)) for c in shares)
+        assert torch.equal(acc, ref), W                      # the last rank saw the full sum
+        assert torch.equal(torch.stack(shares).sum(0).double() / n, ref)
+    sim.dist = Ranks(0, 2, [])
+    test_acc = sim.nested_accuracy(w, order, sizes, split="test")
+    assert sim.dist.shares == []                             # not collective
+    sim.dist = None
+    assert torch.equal(test_acc, sim.nested_accuracy(w, order, sizes, split="test"))
+
+
+def test_failure_in_the_sharded_sweep_stops_every_process(tmp_path):
+    """A rank failing inside its share of round 2's candidate sweep (before the EVAL step) joins
+    the pending gate with its flag: both ranks stop with one line, round 1's checkpoint intact."""
+    run = tmp_path / "sweep-fail"
+    (c0, o0, e0), (c1, o1, e1) = two_processes(["--out", str(run)] + COMMON, FEDRAC_FAIL_AT="1:2:sweep")
+    assert c0 != 0 and c1 != 0
+    assert "rank 1 failed in round 2" in e0 and "injected failure" in e0 and "checkpoint of round 1" in e0, e0
+    assert "Traceback" not in e0 + e1
+    assert state(run)[0] == 1 and len(records(run)) == 1
 
 
 def test_algorithms_with_their_own_round_are_refused_in_one_line():
