@@ -215,25 +215,21 @@ class Part:
 
 
 KINDS = (("aggregation.json", "agg"), ("order.json", "order"), ("bench_scale.json", "scale"),
-         ("sparsify.json", "extra"), ("bench_gram.json", "extra"))
+         ("sparsify.json", "extra"), ("bench_gram.json", "extra"), ("round.json", "round"),
+         ("steps.jsonl", "steps"))
+JSON_PREFIXES = (("eval", "eval"), ("streaming", "stream"), ("submodel", "extra"))
 
 
 def classify(name: str):
     for fname, kind in KINDS:
         if name == fname:
             return kind
-    if name.endswith(".json") and name.startswith("eval"):
-        return "eval"
-    if name.endswith(".json") and name.startswith("streaming"):
-        return "stream"
-    if name == "round.json":
-        return "round"
-    if name.endswith(".json") and name.startswith("submodel"):
-        return "extra"
+    if name.endswith(".json"):
+        for prefix, kind in JSON_PREFIXES:
+            if name.startswith(prefix):
+                return kind
     if name.startswith("junit") and name.endswith(".xml"):
         return "junit"
-    if name == "steps.jsonl":
-        return "steps"
     if name.endswith(".log"):
         return "log"
     return None
