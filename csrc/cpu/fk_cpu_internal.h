@@ -117,6 +117,22 @@ void accum_multi_dispatch(float* num, float* den, const void* const* v, int dtyp
     default: accum_multi_flags<Kernel, FK_F16>(num, den, v, gates, w, n, G, nonzero); break;
   }
 }
+/* Defines the accum_multi_fn NAME of a level over its file's kernel template multi_t<DT, NONZERO,
+ * GATED>(num, den, v, gates, w, n, G); used at namespace fkcpu scope after that template. */
+#define FK_DEFINE_ACCUM_MULTI(NAME)                                                                          \
+  namespace {                                                                                               \
+  struct NAME##_kernel {                                                                                    \
+    template <int DT, bool NZ, bool GATED>                                                                  \
+    static void run(float* num, float* den, const void* const* v, const uint8_t* const* gates, const float* w, \
+                    int64_t n, int G) {                                                                     \
+      multi_t<DT, NZ, GATED>(num, den, v, gates, w, n, G);                                                  \
+    }                                                                                                       \
+  };                                                                                                        \
+  }                                                                                                         \
+  void NAME(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates, const float* w, \
+            int64_t n, int G, int nonzero) {                                                                \
+    accum_multi_dispatch<NAME##_kernel>(num, den, v, dtype, gates, w, n, G, nonzero);                       \
+  }
 const SpanKernels& span_kernels();  // for the active level
 const SpanKernels& span_kernels_for(Isa level);
 

@@ -99,20 +99,9 @@ FK_AVX512_TARGET void multi_t(float* num, float* den, const void* const* v, cons
   }
 }
 
-struct Multi {
-  template <int DT, bool NZ, bool GATED>
-  static void run(float* num, float* den, const void* const* v, const uint8_t* const* gates, const float* w,
-                  int64_t n, int G) {
-    multi_t<DT, NZ, GATED>(num, den, v, gates, w, n, G);
-  }
-};
-
 }  // namespace
 
-void accum_multi_avx512(float* num, float* den, const void* const* v, int dtype, const uint8_t* const* gates,
-                        const float* w, int64_t n, int G, int nonzero) {
-  accum_multi_dispatch<Multi>(num, den, v, dtype, gates, w, n, G, nonzero);
-}
+FK_DEFINE_ACCUM_MULTI(accum_multi_avx512)
 
 }  // namespace fkcpu
 
