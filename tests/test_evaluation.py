@@ -317,3 +317,20 @@ def test_linear_relu_kernels_agree(gen):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
         # rows and weight-row subsets give the same bits as the whole (a column depends on its row only)
         assert torch.equal(linear_relu(x[5:20], w[:7].contiguous(), b[:7].contiguous()), got[5:20, :7])
+
+
+def test_auto_eval_batch_size():
+    """eval_batch_size=auto: one fused chunk for the MLP; the ResNet keeps the module default on CPU
+    and stacks ~16x more rows per forward on CUDA (fewer launches), scaled down for 64x64 inputs."""
+    from fedrac import runner
+    from fedrac.config import auto_eval_batch_size
+
+    assert auto_eval_batch_size("mlp", "digits", "cpu") == auto_eval_batch_size("mlp", "cifar10", "cuda") == 16384
+    assert auto_eval_batch_size("resnet18", "cifar10", "cpu") == 0        # -> ev._DEFAULT_ROWS (256)
+    assert auto_eval_batch_size("resnet18", "cifar10", "cuda") == 4096
+    assert auto_eval_batch_size("resnet18", "tinyimagenet", "cuda:1") == 1024
+    assert ev._DEFAULT_ROWS["MaskedResNet18"] == 256
+    cfg, _ = runner.load_config([("t", {"device": "cpu"})])
+    assert cfg["eval_batch_size"] == 16384
+    cfg, _ = runner.load_config([("t", {"device": "cpu", "eval_batch_size": "64"})])
+    assert cfg["eval_batch_size"] == 64
