@@ -34,7 +34,9 @@ What the simulator provides (``self.sim``, a :class:`fedrac.runner.Simulation`):
                                  the same for up to ``cfg["client_batch"]`` clients as one batched
                                  computation (fedrac.batched); a reused work buffer
     accuracy(params, split="val"|"test"|"client:<k>", mask=None) -> float
-    nested_accuracy(params, order, sizes, split) -> float64 [S]     fused (nested prefixes of order)
+    nested_accuracy(params, order, sizes, split) -> float64 [S]     fused (nested prefixes of order);
+                                 split="val" is collective in distributed runs (each rank counts
+                                 its 1/W of V): call it from the round, which every rank runs
     masks_accuracy(params, masks, split) -> float64 [S]              fused (distinct masks)
     client_data(k) -> (x, y);  val_data(); test_data()
     generator                    torch.Generator for the server's own randomness (checkpointed)
