@@ -19,6 +19,11 @@ The script checks that fused and separate give identical correct counts per cand
 
     python benchmarks/bench_eval.py --threads 1 --out bench_eval_cpu.json
     python benchmarks/bench_eval.py --device cuda --out bench_eval_gpu.json
+    python benchmarks/bench_eval.py --device cuda --cases mlp --mlp-rows 16384   # the simulator's rows
+
+On a GPU the MLP walk issues ~3-4 small kernels per candidate per block of rows and a separate
+forward ~11 (plus a host sync per batch), so while both are launch-bound the ratio is bounded by
+roughly their launch counts; compare ``--mlp-rows`` 1024 and 16384 to see where it stands.
 """
 from __future__ import annotations
 
@@ -53,18 +58,18 @@ def _timed(fn, dev):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_case(name, model, x, y, order, sizes, reps, dev, with_masks):
+def run_case(name, model, x, y, order, sizes, reps, dev, with_masks, rows=None):
     params = flatten_parameters(model).to(dev)
     masks = nested_masks(order, sizes).to(dev)
     n = x.shape[0]
     variants = {
-        "fused": lambda: nested_candidate_accuracy(model, params, x, y, order, sizes),
-        "separate": lambda: torch.tensor([accuracy(model, params, x, y, mask=m) for m in masks],
+        "fused": lambda: nested_candidate_accuracy(model, params, x, y, order, sizes, batch_size=rows),
+        "separate": lambda: torch.tensor([accuracy(model, params, x, y, mask=m, batch_size=rows) for m in masks],
                                          dtype=torch.float64),
-        "one_full": lambda: accuracy(model, params, x, y),
+        "one_full": lambda: accuracy(model, params, x, y, batch_size=rows),
     }
     if with_masks:
-        variants["masks"] = lambda: masks_accuracy(model, params, x, y, masks)
+        variants["masks"] = lambda: masks_accuracy(model, params, x, y, masks, batch_size=rows)
     results = {}
     for v, fn in variants.items():                      # warm-up (and the results to compare)
         results[v] = fn()
@@ -83,7 +88,7 @@ def run_case(name, model, x, y, order, sizes, reps, dev, with_masks):
     mismatches = int((fused_counts != sep_counts).sum())
     med = {v: statistics.median(t) for v, t in wall.items()}
     out = {
-        "B": n, "C": int(sizes.numel()), "N": model.num_neurons, "reps": reps,
+        "B": n, "C": int(sizes.numel()), "N": model.num_neurons, "reps": reps, "rows": rows,
         "variants": {v: {"median_s": med[v], "min_s": min(wall[v]), "wall_s": wall[v],
                          "cpu_s_median": statistics.median(cpu[v])} for v in variants},
         "speedup_fused_vs_separate": med["separate"] / med["fused"],
@@ -117,6 +122,10 @@ def main(argv=None):
     ap.add_argument("--resnet-candidates", type=int, default=None, help="default 32 on CPU, 128 on GPU")
     ap.add_argument("--resnet-reps", type=int, default=None, help="default 2 on CPU, --reps on GPU")
     ap.add_argument("--cases", default="mlp,resnet")
+    ap.add_argument("--mlp-rows", type=int, default=None, help="eval batch_size (rows per chunk) of every MLP "
+                    "variant (default: the evaluation module's, 1024; the simulator's auto is 16384)")
+    ap.add_argument("--resnet-rows", type=int, default=None, help="the same for the ResNet (default 256; the "
+                    "simulator's CUDA auto is 4096)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -146,7 +155,7 @@ def main(argv=None):
         order = torch.randperm(400, generator=g)
         sizes = torch.arange(1, C + 1) * (400 // C)
         report["cases"]["mlp_cifar10"] = run_case("mlp_cifar10", model, x, y, order, sizes,
-                                                  args.reps, dev, with_masks=True)
+                                                  args.reps, dev, with_masks=True, rows=args.mlp_rows)
     if "resnet" in cases:
         B = args.resnet_batch or (2000 if gpu else 16)
         C = args.resnet_candidates or (128 if gpu else 32)
@@ -158,7 +167,7 @@ def main(argv=None):
         order = torch.randperm(1024, generator=g)
         sizes = torch.arange(1, C + 1) * (1024 // C)
         report["cases"]["resnet18_cifar10"] = run_case("resnet18_cifar10", model, x, y, order, sizes,
-                                                       reps, dev, with_masks=False)
+                                                       reps, dev, with_masks=False, rows=args.resnet_rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
