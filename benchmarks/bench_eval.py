@@ -21,9 +21,11 @@ The script checks that fused and separate give identical correct counts per cand
     python benchmarks/bench_eval.py --device cuda --out bench_eval_gpu.json
     python benchmarks/bench_eval.py --device cuda --cases mlp --mlp-rows 16384   # the simulator's rows
 
-On a GPU the MLP walk issues ~3-4 small kernels per candidate per block of rows and a separate
-forward ~11 (plus a host sync per batch), so while both are launch-bound the ratio is bounded by
-roughly their launch counts; compare ``--mlp-rows`` 1024 and 16384 to see where it stands.
+On a GPU the torch walk would issue ~3-4 small kernels per candidate per block of rows and a
+separate forward ~11 (plus a host sync per batch): both launch-bound, a ratio of a few x. So on
+CUDA the walk's logits come from one Triton launch per block (fedrac._walk_triton; the torch walk
+with ``FEDRAC_EVAL_WALK=torch``, to compare); ``--mlp-rows`` 1024 vs 16384 shows the effect of
+the block size.
 """
 from __future__ import annotations
 

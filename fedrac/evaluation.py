@@ -30,6 +30,10 @@ How submodels share work:
   exact-arithmetic one (up to ~1e-15), whatever GEMM kernel computed layer 1; a separate float32
   forward agrees except where its own rounding decides the argmax. Exact ties (e.g. an empty
   layer: logits = output bias) go to the first maximal class, as ``argmax`` does.
+  On CUDA the walk's float32 logits come from one Triton launch per block of rows
+  (:mod:`fedrac._walk_triton`: all candidates looped inside the kernel, instead of 3-4 small
+  kernels per candidate, which leave the GPU launch-bound); the decisions and float64 re-decisions
+  are the same code, so the counts are the same. ``FEDRAC_EVAL_WALK=torch|triton`` forces one.
   Other models (ResNet) share the stem and stack candidates along the batch, as
   :func:`masks_accuracy`: this saves the data passes and the stem, not the block FLOPs.
 * :func:`client_metrics` for the MLP evaluates each client's submodel on its rows in one pass
@@ -40,6 +44,7 @@ How submodels share work:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -253,6 +258,9 @@ _LAYER1_RTOL = 1e-5
 # rows per block of the candidate walk (layer 1 runs on whole ``batch_size`` chunks): bounds the
 # walk's running state (layer-2 pre-activations, the logits of every candidate; ~6 MB for C = 50)
 _WALK_ROWS = 1024
+# The walk's float32 logits: "auto" = the one-launch Triton kernel (fedrac._walk_triton) for CUDA
+# tensors when triton is available, else the torch walk; "torch" / "triton" force one (tests).
+_WALK_BACKEND = os.environ.get("FEDRAC_EVAL_WALK", "auto")
 
 
 def _nested_slots(order, sizes, H):
@@ -328,6 +336,24 @@ class _MLPWalk:
         self.f64 = None                                        # float64 copies, when a decision needs them
         self.W1q64 = self.b1q64 = None
         self.buf = None
+        self.W2T = self.b2v = self.b3v = self.W3c = None
+        self._triton = None
+
+    def _use_triton(self) -> bool:
+        """The one-launch Triton walk (:mod:`fedrac._walk_triton`) instead of the torch walk."""
+        if self._triton is None:
+            mode = _WALK_BACKEND
+            if mode == "torch" or self.K2 == 0:
+                self._triton = False
+            else:
+                from ._walk_triton import usable
+
+                ok = usable(self.W2q.device, self.K2)
+                if mode == "triton" and not ok:
+                    raise RuntimeError("FEDRAC_EVAL_WALK=triton: the Triton walk is unavailable here (needs "
+                                       "triton and CUDA tensors or TRITON_INTERPRET=1, layer 2 <= 512 wide)")
+                self._triton = ok and (mode == "triton" or self.W2q.is_cuda)
+        return self._triton
 
     # ------------------------------------------------------------------------------ decisions
     def _decide(self, logits, scale, yb, exact: bool):
@@ -446,13 +472,10 @@ class _MLPWalk:
         return (z[:K2 * w].view(K2, w), a[:K2 * w].view(K2, w), la[:S * nc1 * w].view(S, nc1, w),
                 g[:S * (nc1 - 1) * w].view(S, nc1 - 1, w))
 
-    def _walk_block(self, h1, yb, correct, loss_sum, want_loss):
-        """Walk every slot over one block of rows (``h1``: their layer-1 activations ``[w, E]``);
-        add the float32 decisions into ``correct`` / ``loss_sum`` ``[S]``. Returns the near-ties
-        ``[m, 2]`` (slot, row) and what was counted for them (int64 0/1 ``[m]``)."""
+    def _torch_logits(self, h1, z2, a2, LA) -> None:
+        """``LA [S, nc + 1, w]`` by the torch walk (a few small GEMMs per slot; see the class doc)."""
         w = h1.shape[0]
-        nc, S = self.nc, self.S
-        z2, a2, LA, G = self._buffers(w)
+        nc = self.nc
         hT = h1.t()                                                     # [E, w] (a view)
         W2q, b2q, W3e, b3e = self.W2q, self.b2q, self.W3e, self.b3e
         for s, (a, e, k, done, k_new, k2, head) in enumerate(self.plan):
@@ -472,6 +495,29 @@ class _MLPWalk:
                 torch.addmm(LA[s - 1], W3e[:, k:k2], a2[k:k2], out=LA[s])
             else:
                 LA[s].copy_(b3e.expand(nc + 1, w))
+
+    def _triton_logits(self, h1, LA) -> None:
+        """``LA`` by :func:`fedrac._walk_triton.walk_logits`: every slot in one launch."""
+        from ._walk_triton import walk_logits
+
+        if self.W2T is None:
+            self.W2T = self.W2q.t().contiguous()
+            self.b2v = self.b2q.reshape(-1).contiguous()
+            self.b3v = self.b3e.reshape(-1).contiguous()
+            self.W3c = self.W3e.contiguous()
+        walk_logits(h1.t().contiguous(), self.W2T, self.b2v, self.W3c, self.b3v, self.e_of, self.k2_of, out=LA)
+
+    def _walk_block(self, h1, yb, correct, loss_sum, want_loss):
+        """Walk every slot over one block of rows (``h1``: their layer-1 activations ``[w, E]``);
+        add the float32 decisions into ``correct`` / ``loss_sum`` ``[S]``. Returns the near-ties
+        ``[m, 2]`` (slot, row) and what was counted for them (int64 0/1 ``[m]``)."""
+        w = h1.shape[0]
+        nc, S = self.nc, self.S
+        z2, a2, LA, G = self._buffers(w)
+        if self._use_triton():
+            self._triton_logits(h1, LA)
+        else:
+            self._torch_logits(h1, z2, a2, LA)
         # the decisions of all slots at once (as _decide, batched over the slots)
         logits = LA[:, :nc]                                            # [S, nc, w]
         thr = torch.amax(logits, 1).sub_(LA[:, nc], alpha=_NEAR_TIE_RTOL)   # [S, w]
@@ -494,6 +540,8 @@ class _MLPWalk:
         correct = torch.zeros(self.S, dtype=torch.int64, device=dev)
         loss_sum = torch.zeros(self.S, dtype=torch.float64, device=dev)
         wr = max(1, min(rows, _WALK_ROWS))
+        if self._use_triton():           # one launch per block: larger blocks, LA capped at 64 MiB
+            wr = max(1, min(rows, max(_WALK_ROWS, (1 << 24) // max(1, self.S * (self.nc + 1)))))
         for i in range(0, xf.shape[0], rows):
             xb, yb = xf[i:i + rows], y[i:i + rows]
             if not xb.is_contiguous():
