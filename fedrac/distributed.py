@@ -29,8 +29,10 @@ What each rank does (every rank loads the data and builds the same state from th
   (FedRAC's and FedSAC's candidates, Aequa's width curve) counts the correct predictions of each
   rank's 1/W of the validation set (whole evaluation blocks, round robin:
   :func:`fedrac.evaluation.nested_candidate_counts`) and one int64 all-reduce sums the counts, so
-  the accuracies are exactly the one-process ones at 1/W of the cost per rank. Only rank 0
-  evaluates the reward models for the metrics and writes outputs and checkpoints (through the
+  the accuracies are exactly the one-process ones at 1/W of the cost per rank. The reward
+  accuracies on T are split the same way when the rewards are nested submodels (every
+  MaskedAlgorithm: the other ranks join with ``evaluate_rewards(collective_only=True)``); rank 0
+  alone computes the metrics from them and writes outputs and checkpoints (through the
   single-process loop, :func:`fedrac.runner.execute`).
 * **Rounds are lock-stepped**: after rank 0 wrote a round's metrics and checkpoint, every rank
   joins a small all-reduce (``round_end``). Every protocol step (EVAL, DATA, SYNC, FINAL) opens
@@ -293,13 +295,14 @@ def _device_and_backend(layers: list, local_rank: int) -> tuple[str, str]:
 
 
 def _worker_loop(prep, ctx: DistContext, start: int) -> None:
-    """Ranks > 0: the same rounds as rank 0's :func:`fedrac.runner.execute`, without outputs and
-    without the reward evaluation (metrics are rank 0's)."""
+    """Ranks > 0: the same rounds as rank 0's :func:`fedrac.runner.execute`, without outputs; of
+    the reward evaluation only their share of the split nested evaluation (metrics are rank 0's)."""
     cfg, algo = prep.cfg, prep.algo
     R = int(cfg["rounds"])
     stop_after = int(cfg["stop_after"])
     for r in range(start, R + 1):
         algo.round(r)
+        prep.sim.evaluate_rewards(algo.rewards(), collective_only=True)   # rank 0's split reward evaluation
         stop_here = bool(stop_after and r >= stop_after and r < R)
         ctx.round_end(r, final=stop_here or r == R)
         if stop_here:

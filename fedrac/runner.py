@@ -163,14 +163,16 @@ class Simulation:
         return float(accuracy(self.model, params, x, y, mask=mask, batch_size=self.eval_batch_size))
 
     def nested_accuracy(self, params: torch.Tensor, order, sizes, split: str = "val") -> torch.Tensor:
-        """float64 ``[S]``. In distributed runs a ``split="val"`` evaluation is collective (it is made
-        in the round, which every rank runs): each rank counts its 1/W of the rows and the counts
-        are summed exactly (:meth:`fedrac.distributed.DistContext.sum_counts`)."""
+        """float64 ``[S]``. In distributed runs a ``split="val"`` or ``"test"`` evaluation is
+        collective (val: made in the round, which every rank runs; test: the reward evaluation,
+        which the other ranks mirror, :func:`fedrac.distributed._worker_loop`): each rank counts
+        its 1/W of the rows and the counts are summed exactly
+        (:meth:`fedrac.distributed.DistContext.sum_counts`)."""
         from .evaluation import nested_candidate_accuracy, nested_candidate_counts
 
         x, y = self._split(split)
         dist = self.dist
-        if dist is None or dist.world <= 1 or split != "val":
+        if dist is None or dist.world <= 1 or split not in ("val", "test"):
             return nested_candidate_accuracy(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size)
         counts = nested_candidate_counts(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size,
                                          shard=(dist.rank, dist.world))
@@ -184,11 +186,19 @@ class Simulation:
         x, y = self._split(split)
         return masks_accuracy(self.model, params, x, y, masks, batch_size=self.eval_batch_size)
 
-    def evaluate_rewards(self, rewards) -> torch.Tensor:
-        """theta: float64 [K], every client's reward model on the test set (shared passes)."""
+    def evaluate_rewards(self, rewards, *, collective_only: bool = False) -> Optional[torch.Tensor]:
+        """theta: float64 [K], every client's reward model on the test set (shared passes).
+
+        ``collective_only``: what the other ranks of a distributed run do while rank 0 evaluates:
+        only the evaluations that are split across the ranks (nested rewards); returns None."""
         from .algorithms.base import AccuracyRewards, MaskRewards, ParamRewards
 
         K = self.K
+        if collective_only:
+            if isinstance(rewards, MaskRewards) and rewards.order is not None:
+                sizes = torch.as_tensor(rewards.sizes, dtype=torch.int64).cpu()
+                self.nested_accuracy(rewards.params, rewards.order, torch.unique(sizes), split="test")
+            return None
         if isinstance(rewards, AccuracyRewards):
             acc = torch.as_tensor(rewards.accuracy, dtype=torch.float64).cpu().reshape(-1)
             if acc.numel() != K:

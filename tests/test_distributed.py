@@ -187,10 +187,12 @@ def test_width_methods_and_aequa_match_the_single_process_run_bit_for_bit(tmp_pa
 
 
 def test_candidate_sweep_is_split_across_the_ranks_exactly(tmp_path):
-    """Simulation.nested_accuracy(split="val") in a run of W ranks: each rank counts its 1/W of V
-    (whole evaluation blocks) and hands the counts to the EVAL step; the summed counts give
-    exactly the one-process accuracies. Test-set evaluations (rank 0's metrics) are not split."""
+    """Simulation.nested_accuracy on V (the candidate sweep) and on T (nested reward accuracies) in
+    a run of W ranks: each rank counts its 1/W of the rows (whole evaluation blocks) and hands the
+    counts to the EVAL step; the summed counts give exactly the one-process accuracies. The other
+    ranks join rank 0's reward evaluation through evaluate_rewards(collective_only=True)."""
     from fedrac import runner
+    from fedrac.algorithms.base import MaskRewards
 
     layer = {"algorithm": "fedrac", "rounds": "2", "out": str(tmp_path / "run"), "progress": "false",
              "plots": "false", "standalone_acc": S10, "eval_batch_size": "16"}
@@ -199,9 +201,6 @@ def test_candidate_sweep_is_split_across_the_ranks_exactly(tmp_path):
     w = torch.randn(sim.P, generator=gen) * 0.1
     order = torch.randperm(sim.N, generator=gen)
     sizes = list(range(8, sim.N + 1, 8))
-    ref = sim.nested_accuracy(w, order, sizes, split="val")
-    n = sim.val_data()[0].shape[0]
-    assert n > 3 * 16 and 0 < float(ref.min()) and float(ref.max()) < 1
 
     class Ranks:                       # W fake ranks: sum_counts collects each rank's share
         def __init__(self, rank, world, shares):
@@ -211,20 +210,31 @@ def test_candidate_sweep_is_split_across_the_ranks_exactly(tmp_path):
             self.shares.append(counts.clone())
             return torch.stack(self.shares).sum(0) if len(self.shares) == self.world else counts
 
-    for W in (2, 3):
-        shares: list = []
-        for rank in range(W):
-            sim.dist = Ranks(rank, W, shares)
-            acc = sim.nested_accuracy(w, order, sizes, split="val")
-        sim.dist = None
-        assert len(shares) == W and all(0 < int(c.sum()) < int(sum(c.sum() for c in shares)) for c in shares)
-        assert torch.equal(acc, ref), W                      # the last rank saw the full sum
-        assert torch.equal(torch.stack(shares).sum(0).double() / n, ref)
+    for split, data in (("val", sim.val_data()), ("test", sim.test_data())):
+        ref = sim.nested_accuracy(w, order, sizes, split=split)
+        n = data[0].shape[0]
+        assert n > 3 * 16 and 0 < float(ref.min()) and float(ref.max()) < 1
+        for W in (2, 3):
+            shares: list = []
+            for rank in range(W):
+                sim.dist = Ranks(rank, W, shares)
+                acc = sim.nested_accuracy(w, order, sizes, split=split)
+            sim.dist = None
+            assert len(shares) == W and all(0 < int(c.sum()) < int(sum(c.sum() for c in shares)) for c in shares)
+            assert torch.equal(acc, ref), (split, W)                 # the last rank saw the full sum
+            assert torch.equal(torch.stack(shares).sum(0).double() / n, ref)
+    # the reward evaluation: rank 1 mirrors rank 0's nested evaluation (same shapes), nothing else
+    rewards = MaskRewards(params=w, order=order, sizes=torch.tensor([8, 400, 8, 64] + [400] * 6))
+    theta = sim.evaluate_rewards(rewards)
+    shares = []
+    sim.dist = Ranks(1, 2, shares)
+    assert sim.evaluate_rewards(rewards, collective_only=True) is None
+    sim.dist = Ranks(0, 2, shares)
+    assert torch.equal(sim.evaluate_rewards(rewards), theta) and len(shares) == 2
     sim.dist = Ranks(0, 2, [])
-    test_acc = sim.nested_accuracy(w, order, sizes, split="test")
-    assert sim.dist.shares == []                             # not collective
+    assert sim.evaluate_rewards(MaskRewards(params=w), collective_only=True) is None
+    assert sim.dist.shares == []                             # full-model rewards: not split
     sim.dist = None
-    assert torch.equal(test_acc, sim.nested_accuracy(w, order, sizes, split="test"))
 
 
 def test_failure_in_the_sharded_sweep_stops_every_process(tmp_path):
