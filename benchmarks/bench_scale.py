@@ -117,6 +117,7 @@ def worker(case: dict) -> dict:
 
     from fedrac import data as fdata
     from fedrac import runner
+    from fedrac.distributed import worker_round
 
     torch.set_num_threads(int(case["threads"]))
     dist_ctx = None
@@ -175,7 +176,7 @@ def worker(case: dict) -> dict:
         if rank == 0:
             runner.round_step(prep, r)
         else:
-            algo.round(r)
+            worker_round(prep, r)                  # the round + this rank's share of the rewards
         sync()
         if dist_ctx is not None:
             dist_ctx.round_end(r)

@@ -294,15 +294,21 @@ def _device_and_backend(layers: list, local_rank: int) -> tuple[str, str]:
     return "cpu", "gloo"
 
 
+def worker_round(prep, r: int) -> None:
+    """Round ``r`` on a rank > 0: what rank 0's :func:`fedrac.runner.round_step` does, less the
+    metrics: the algorithm's round, then this rank's share of the split reward evaluation."""
+    prep.algo.round(r)
+    prep.sim.evaluate_rewards(prep.algo.rewards(), collective_only=True)
+
+
 def _worker_loop(prep, ctx: DistContext, start: int) -> None:
     """Ranks > 0: the same rounds as rank 0's :func:`fedrac.runner.execute`, without outputs; of
     the reward evaluation only their share of the split nested evaluation (metrics are rank 0's)."""
-    cfg, algo = prep.cfg, prep.algo
+    cfg = prep.cfg
     R = int(cfg["rounds"])
     stop_after = int(cfg["stop_after"])
     for r in range(start, R + 1):
-        algo.round(r)
-        prep.sim.evaluate_rewards(algo.rewards(), collective_only=True)   # rank 0's split reward evaluation
+        worker_round(prep, r)
         stop_here = bool(stop_after and r >= stop_after and r < R)
         ctx.round_end(r, final=stop_here or r == R)
         if stop_here:
