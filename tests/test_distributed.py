@@ -276,3 +276,17 @@ def test_distributed_needs_torchrun(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "torchrun" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_scale_runs_its_distributed_cases(tmp_path):
+    """benchmarks/bench_scale.py drives the round itself (timers around the steps): its 2-process
+    cases must follow the same protocol as `fedrac run --distributed` (worker_round) and finish."""
+    out = tmp_path / "scale"
+    cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--models", "mlp", "--clients", "4", "--rounds", "1",
+           "--train-size", "400", "--test-size", "100", "--nproc", "2", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = json.loads((out / "bench_scale.json").read_text())["records"]
+    assert sorted((r["variant"], r["world"]) for r in recs) == [("batched", 1), ("batched", 2),
+                                                                 ("sequential", 1), ("sequential", 2)], p.stdout
+    assert all("error" not in r and r["round_s"] > 0 and r["metrics_s"] > 0 for r in recs), recs
