@@ -88,6 +88,9 @@ def walk_logits(hT: torch.Tensor, W2T: torch.Tensor, b2: torch.Tensor, W3e: torc
     K2 = W2T.shape[1]
     S = e_of.numel()
     nc1 = W3e.shape[0]
+    if max(E, S * nc1) * w >= 2 ** 31:
+        raise ValueError(f"walk_logits: {w} rows are too many for int32 offsets (E = {E}, S x (nc + 1) = "
+                         f"{S * nc1}); pass fewer rows per call")
     if out is None:
         out = torch.empty(S, nc1, w, dtype=torch.float32, device=hT.device)
     if S == 0 or w == 0:

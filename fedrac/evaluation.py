@@ -540,8 +540,9 @@ class _MLPWalk:
         correct = torch.zeros(self.S, dtype=torch.int64, device=dev)
         loss_sum = torch.zeros(self.S, dtype=torch.float64, device=dev)
         wr = max(1, min(rows, _WALK_ROWS))
-        if self._use_triton():           # one launch per block: larger blocks, LA capped at 64 MiB
-            wr = max(1, min(rows, max(_WALK_ROWS, (1 << 24) // max(1, self.S * (self.nc + 1)))))
+        if self._use_triton():           # one launch per block: larger blocks, LA capped at 64 MiB,
+            per_row = max(1, self.E, self.S * (self.nc + 1))       # and the kernel's offsets in int32
+            wr = max(1, min(rows, max(_WALK_ROWS, (1 << 24) // per_row), (2 ** 31 - 1) // per_row))
         for i in range(0, xf.shape[0], rows):
             xb, yb = xf[i:i + rows], y[i:i + rows]
             if not xb.is_contiguous():

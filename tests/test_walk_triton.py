@@ -87,6 +87,14 @@ def test_counts_equal_the_torch_walk_and_float64(rows, gen, monkeypatch):
         monkeypatch.setattr(wt, "walk_logits", real)
 
 
+def test_int32_offsets_are_guarded():
+    hT = torch.zeros(1, 1, device=DEV).expand(300, 8_000_000)       # E x w = 2.4e9 >= 2^31, no memory
+    z = torch.zeros(300, 16, device=DEV)
+    with pytest.raises(ValueError, match="int32"):
+        wt.walk_logits(hT, z, z[0], torch.zeros(11, 16, device=DEV), torch.zeros(11, device=DEV),
+                       torch.tensor([1], device=DEV), torch.tensor([1], device=DEV))
+
+
 def test_auto_picks_triton_only_for_cuda_tensors(gen, monkeypatch):
     m, p = _mlp(10, (1, 8, 8), gen)
     monkeypatch.setattr(ev, "_WALK_BACKEND", "auto")
