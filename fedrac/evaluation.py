@@ -343,6 +343,8 @@ class _MLPWalk:
         """The one-launch Triton walk (:mod:`fedrac._walk_triton`) instead of the torch walk."""
         if self._triton is None:
             mode = _WALK_BACKEND
+            if mode not in ("auto", "torch", "triton"):
+                raise ValueError(f"FEDRAC_EVAL_WALK: expected auto, torch or triton, got {mode!r}")
             if mode == "torch" or self.K2 == 0:
                 self._triton = False
             else:

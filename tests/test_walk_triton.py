@@ -103,6 +103,9 @@ def test_auto_picks_triton_only_for_cuda_tensors(gen, monkeypatch):
     monkeypatch.setattr(ev, "_WALK_BACKEND", "torch")
     assert not _walk(m, p, torch.arange(m.num_neurons), torch.tensor([8]))._use_triton()
     assert not wt.usable(DEV, 4096)                    # too wide for registers: torch walk
+    monkeypatch.setattr(ev, "_WALK_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FEDRAC_EVAL_WALK"):
+        _walk(m, p, torch.arange(m.num_neurons), torch.tensor([8]))._use_triton()
 
 
 def test_compiles_ahead_of_time_for_sm90():
