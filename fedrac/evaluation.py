@@ -296,6 +296,18 @@ def _cross_entropy_cols(logits, y):
     return torch.sub(lg, top, out=lg).exp_().sum(-2).log_().sub_(picked)
 
 
+def _disable_triton_walk(exc: BaseException) -> None:
+    """The Triton walk failed (e.g. a Triton version that cannot compile it): warn once and use
+    the torch walk from now on in this process (the counts are the same, only slower on GPUs)."""
+    global _WALK_BACKEND
+    import warnings
+
+    _WALK_BACKEND = "torch"
+    warnings.warn(f"fedrac: the Triton candidate walk failed ({type(exc).__name__}: {exc}); using the torch "
+                  "walk (same results; set FEDRAC_EVAL_WALK=torch to skip the attempt)", RuntimeWarning,
+                  stacklevel=3)
+
+
 class _MLPWalk:
     """The fused evaluation of nested submodels of one MLP (see the module doc).
 
@@ -517,7 +529,14 @@ class _MLPWalk:
         nc, S = self.nc, self.S
         z2, a2, LA, G = self._buffers(w)
         if self._use_triton():
-            self._triton_logits(h1, LA)
+            try:
+                self._triton_logits(h1, LA)
+            except Exception as exc:  # noqa: BLE001 - an optional fast path: keep evaluating, say why
+                if _WALK_BACKEND == "triton":
+                    raise
+                _disable_triton_walk(exc)
+                self._triton = False
+                self._torch_logits(h1, z2, a2, LA)
         else:
             self._torch_logits(h1, z2, a2, LA)
         # the decisions of all slots at once (as _decide, batched over the slots)

@@ -150,3 +150,29 @@ print(json.dumps(out))
         if r["res"]:
             assert r["res"].get("LOCAL", 0) == 0 and r["res"].get("STACK", 0) == 0, r
             assert r["res"]["REG"] <= 255, r
+
+
+def test_a_failing_triton_walk_falls_back_to_the_torch_walk_in_auto_mode(gen, monkeypatch):
+    """auto: a Triton failure (say, a Triton version that cannot compile the kernel) warns once and
+    the torch walk gives the same counts; forced triton re-raises."""
+    m, p = _mlp(10, (1, 8, 8), gen)
+    x = torch.randn(50, 1, 8, 8, generator=gen).to(DEV)
+    y = torch.randint(0, 10, (50,), generator=gen).to(DEV)
+    order, sizes = torch.randperm(m.num_neurons, generator=gen), torch.tensor([8, 200, 400])
+    monkeypatch.setattr(ev, "_WALK_BACKEND", "torch")
+    ref = nested_candidate_accuracy(m, p, x, y, order, sizes)
+
+    def broken(*a, **k):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(wt, "walk_logits", broken)
+    monkeypatch.setattr(ev, "_WALK_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="cannot compile"):
+        nested_candidate_accuracy(m, p, x, y, order, sizes)
+    monkeypatch.setattr(ev, "_WALK_BACKEND", "auto")
+    monkeypatch.setattr(wt, "usable", lambda device, K2: True)           # as on a GPU
+    monkeypatch.setattr(ev._MLPWalk, "_use_triton", lambda self: self._triton is not False)
+    with pytest.warns(RuntimeWarning, match="Triton candidate walk failed"):
+        got = nested_candidate_accuracy(m, p, x, y, order, sizes)
+    assert torch.equal(got, ref)
+    assert ev._WALK_BACKEND == "torch"
