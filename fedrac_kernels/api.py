@@ -18,7 +18,7 @@ import torch
 
 from . import _dispatch, library
 from . import layout as _layout
-from .backends import StackedRows
+from .backends import StackedRows, storage_address
 from .layout import CompactTables, NestedMasks, NeuronLayout
 
 __all__ = [
@@ -255,26 +255,25 @@ def check_no_alias(g: torch.Tensor, rows: list, name: str) -> None:
     """ValueError when an input row overlaps ``g`` (the in-place update would read its own output).
 
     Call only with real tensors (not while tracing)."""
-    try:
-        gs = g.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
+    gs = storage_address(g)
+    if gs is None:
         return
     glo = g.data_ptr()
     ghi = glo + g.numel() * g.element_size()
     if isinstance(rows, StackedRows):  # one test for the whole [K, L] span; the rows only if it overlaps
         b = rows.base
-        if b.numel() == 0 or b.untyped_storage().data_ptr() != gs:
+        if b.numel() == 0 or storage_address(b) != gs:
             return
         lo = b.data_ptr()
         hi = lo + ((b.shape[0] - 1) * b.stride(0) + b.shape[1]) * b.element_size()
         if not (lo < ghi and glo < hi):
             return
     for k, r in enumerate(rows):
-        try:
-            if r.untyped_storage().data_ptr() != gs:
-                continue
-        except (RuntimeError, NotImplementedError):
+        rs = storage_address(r)
+        if rs is None:
             return
+        if rs != gs:
+            continue
         lo = r.data_ptr()
         hi = lo + r.numel() * r.element_size()
         if lo < ghi and glo < hi:

@@ -72,6 +72,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from .backends import storage_address
+
 __all__ = [
     "aggregate_state_dicts",
     "slice_state_dict",
@@ -572,20 +574,18 @@ def _flat_view(tensors, dtype, device) -> Optional[torch.Tensor]:
     t0 = tensors[0]
     if t0.dtype != dtype or t0.device != device:
         return None
-    try:
-        st = t0.untyped_storage()
-        base = st.data_ptr()
-    except (RuntimeError, NotImplementedError):
+    base = storage_address(t0)
+    if base is None:
         return None
     start = t0.storage_offset()
     pos = start
     for t in tensors:
         if (t.dtype != dtype or t.device != device or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != base or t.storage_offset() != pos):
+                or storage_address(t) != base or t.storage_offset() != pos):
             return None
         pos += t.numel()
     flat = torch.empty(0, dtype=dtype, device=device)
-    flat.set_(st, start, (pos - start,), (1,))
+    flat.set_(t0.untyped_storage(), start, (pos - start,), (1,))
     return flat
 
 

@@ -75,6 +75,16 @@ UPDATE_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KEY_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.int32: 2, torch.int64: 3}
 
 
+def storage_address(t: torch.Tensor) -> Optional[int]:
+    """Address of the storage behind ``t``, or None for tensors that have none to compare (fake /
+    meta tensors while tracing, some tensor subclasses: torch raises RuntimeError or
+    NotImplementedError there)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class StackedRows(Sequence):
     """The K rows of a 2-D tensor ``base`` [K, L], as a read-only sequence of 1-D tensors.
 
