@@ -53,7 +53,7 @@ fedrolex, fjord (every ``aggregation``, ``compact`` included: each rank adds its
 compact uploads to its aggregator) and aequa (both ``allocation`` modes). Their server-side
 randomness (dynamic rate assignment, FjORD's step widths, Aequa's sub-step widths) is drawn in
 ``allocate`` on every rank from the same ``sim.generator`` state, before any training, and is
-part of the checked digest (``round_digest``); a client whose training makes several
+part of the checked digest (``round_draws``); a client whose training makes several
 ``local_train`` calls (FjORD's runs of equal width, Aequa's sub-steps) has its stream replayed
 call by call on the other ranks (``local_runs``). Algorithms with personal models or their own
 round (cffl, cgsv, fedave, fedavg, fedavg_plain, fedpw, fedpw_plain, iafl, standalone) are

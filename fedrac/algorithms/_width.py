@@ -339,10 +339,7 @@ class WidthAlgorithm(MaskedAlgorithm):
     def train_chunk(self, ks: range, alloc: Allocation, r: int) -> torch.Tensor:
         """The clients of the chunk one after another through :meth:`train_client` (the width
         methods' clients always train sequentially, whatever ``client_batch``)."""
-        out = self._rows(len(ks))
-        for i, k in enumerate(ks):
-            out[i].copy_(self.train_client(k, alloc, r))
-        return out
+        return self._one_by_one(ks, lambda k: self.train_client(k, alloc, r))
 
     def check_update(self, k: int, delta: torch.Tensor, alloc: Allocation) -> None:
         if self.cfg["check_structure"]:

@@ -34,7 +34,6 @@ its numbers as Aequa's without validating against the paper.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from fractions import Fraction
 from typing import Optional, Sequence
@@ -192,23 +191,23 @@ class AequaStyle(MaskedAlgorithm):
     def chunk_size(self) -> int:
         return 1            # the clients train one after another (several local_train calls each)
 
-    def train_chunk(self, ks: range, alloc: Allocation, r: int) -> torch.Tensor:
+    def train_client(self, k: int, alloc: Allocation) -> torch.Tensor:
         """Every local step: one step of the client's maximum width, then (``slimmable``) one step
         of its drawn sub-width when that is narrower; one ``local_train`` call each."""
         sim = self.sim
-        out = self._rows(len(ks))
-        for i, k in enumerate(ks):
-            size_max = self._size_max(k, alloc)
-            top_mask = self._mask(size_max)
-            wk = self.w
-            for step in range(int(self.cfg["local_steps"])):
-                wk = sim.local_train(k, wk, mask=top_mask, num_steps=1)
-                if self.sub_sizes[k]:
-                    size = self.sub_sizes[k][step]
-                    if size < size_max:
-                        wk = sim.local_train(k, wk, mask=self._mask(size), num_steps=1)
-            out[i].copy_(wk)
-        return out
+        size_max = self._size_max(k, alloc)
+        top_mask = self._mask(size_max)
+        wk = self.w
+        for step in range(int(self.cfg["local_steps"])):
+            wk = sim.local_train(k, wk, mask=top_mask, num_steps=1)
+            if self.sub_sizes[k]:
+                size = self.sub_sizes[k][step]
+                if size < size_max:
+                    wk = sim.local_train(k, wk, mask=self._mask(size), num_steps=1)
+        return wk
+
+    def train_chunk(self, ks: range, alloc: Allocation, r: int) -> torch.Tensor:
+        return self._one_by_one(ks, lambda k: self.train_client(k, alloc))
 
     def local_runs(self, k: int, alloc: Allocation, r: int) -> list:
         """One 1-step ``local_train`` call per local step at the maximum width, and one per
@@ -224,11 +223,9 @@ class AequaStyle(MaskedAlgorithm):
             return alloc
         return self.allocation_from_curve(self.curve())
 
-    def round_digest(self, alloc: Allocation) -> bytes:
-        """The allocation and every client's drawn sub-step sizes."""
-        h = hashlib.sha256(super().round_digest(alloc))
-        h.update(repr(self.sub_sizes).encode())
-        return h.digest()
+    def round_draws(self):
+        """Every client's drawn sub-step sizes."""
+        return self.sub_sizes
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

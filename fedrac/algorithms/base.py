@@ -68,7 +68,8 @@ overridden; methods that train or aggregate differently use its hooks::
     check_update(k, delta, alloc)                        optional per-client check before aggregation
     compact_indices(k, alloc) -> int64 indices           aggregation=compact: k's upload rows/columns
     reward_allocation(alloc, r) -> Allocation            the rewards' allocation after aggregation
-    round_digest(alloc) -> bytes                         what distributed ranks must agree on
+    round_draws() -> value or None                       server-side draws of the round beyond the
+                                                         allocation (part of the ranks' checked digest)
 
 so every MaskedAlgorithm also runs with ``stream_aggregation`` and ``fedrac run --distributed``
 (HeteroFL / FedRolex / FjORD: per-client training and compact uploads; Aequa: slimmable sub-steps
@@ -285,7 +286,7 @@ class MaskedAlgorithm(Algorithm):
 
     Hooks a subclass may override (defaults: the plain masked round): :meth:`train_chunk`,
     :meth:`chunk_size`, :meth:`local_runs`, :meth:`check_update`, :meth:`compact_indices`,
-    :meth:`reward_allocation`, :meth:`round_digest`, :meth:`aggregation_weights`. Server-side randomness is drawn in
+    :meth:`reward_allocation`, :meth:`round_draws`, :meth:`aggregation_weights`. Server-side randomness is drawn in
     :meth:`allocate` (which every rank runs), never in :meth:`train_chunk` (which a rank runs only
     for its own clients).
     """
@@ -361,11 +362,21 @@ class MaskedAlgorithm(Algorithm):
         Default: the training allocation."""
         return alloc
 
+    def round_draws(self):
+        """The server-side draws of this round that shape training beyond the allocation (drawn in
+        :meth:`allocate`; e.g. FjORD's step widths), as a value with a stable ``repr``, or None.
+        Part of :meth:`round_digest`."""
+        return None
+
     def round_digest(self, alloc: Allocation) -> bytes:
         """What every distributed rank must have computed identically before training (checked
-        in the round's all-reduce). Default: the allocation; subclasses add the server-side draws
-        that shape their training (e.g. FjORD's step widths)."""
-        return alloc.digest()
+        in the round's all-reduce): the allocation and :meth:`round_draws`."""
+        draws = self.round_draws()
+        if draws is None:
+            return alloc.digest()
+        import hashlib
+
+        return hashlib.sha256(alloc.digest() + repr(draws).encode()).digest()
 
     # shared -------------------------------------------------------------------------------------
     def round(self, r: int) -> dict:
@@ -407,11 +418,10 @@ class MaskedAlgorithm(Algorithm):
     def _streaming(self) -> bool:
         sim = self.sim
         custom = type(self).aggregate is not MaskedAlgorithm.aggregate
-        compact = self.cfg.get("aggregation") == "compact"
-        if custom and (compact or getattr(sim, "dist", None) is not None):
-            raise ConfigError(f"{type(self).__name__} overrides aggregate(); compact uploads and distributed "
-                              "runs need the shared streamed aggregation")
-        if compact or getattr(sim, "dist", None) is not None:
+        if self.cfg.get("aggregation") == "compact" or getattr(sim, "dist", None) is not None:
+            if custom:
+                raise ConfigError(f"{type(self).__name__} overrides aggregate(); compact uploads and distributed "
+                                  "runs need the shared streamed aggregation")
             return True
         mode = self.cfg.get("stream_aggregation", False)
         if custom or mode is False:
@@ -475,13 +485,19 @@ class MaskedAlgorithm(Algorithm):
             return None
         return lambda k: self.local_runs(k, alloc, r)
 
-    def _rows(self, n: int) -> torch.Tensor:
-        """A reused float32 ``[n, P]`` work buffer for :meth:`train_chunk` overrides."""
+    def _one_by_one(self, ks: range, train) -> torch.Tensor:
+        """For :meth:`train_chunk` overrides that train clients one after another: ``train(k)``
+        (client k's new parameters) for every client of ``ks`` in order, in a reused float32
+        ``[len(ks), P]`` work buffer."""
+        n = len(ks)
         buf = getattr(self, "_row_buffer", None)
         if buf is None or buf.shape[0] < n or buf.device != self.w.device:
             buf = torch.empty(max(n, 1), self.sim.P, dtype=torch.float32, device=self.w.device)
             self._row_buffer = buf
-        return buf[:n]
+        out = buf[:n]
+        for i, k in enumerate(ks):
+            out[i].copy_(train(k))
+        return out
 
     def aggregate(self, deltas: list, alloc: Allocation, r: int) -> None:
         weights = self.aggregation_weights(r)
