@@ -162,7 +162,6 @@ def worker(case: dict) -> dict:
     sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
     if dist_ctx is not None:
         sim.dist = dist_ctx
-        dist_ctx.P = sim.P
         dist_ctx.begin(1, 10**6)
     acc: dict = {}
     algo.allocate = _timed(algo.allocate, acc, "allocate", sync)

@@ -111,9 +111,8 @@ class DistContext:
     protocol collective. Then all ranks exchange messages (``all_gather_object``).
     """
 
-    def __init__(self, rank: int, world: int, local_rank: int, backend: str, device: torch.device, P: int = 0):
+    def __init__(self, rank: int, world: int, local_rank: int, backend: str, device: torch.device):
         self.rank, self.world, self.local_rank = int(rank), int(world), int(local_rank)
-        self.P = int(P)               # parameters of the global model
         self.backend = backend
         self.device = torch.device(device)
         self.stage = "data"           # data | sync | final | done | aborted
@@ -148,13 +147,10 @@ class DistContext:
         self._inject("train")
         others = [k for k in range(sim.K) if k not in mine]
         bs = int(sim.cfg["batch_size"])
-        if runs is None:
-            advance_streams([sim.client_sizes[k] for k in others], [sim.client_generators[k] for k in others],
-                            num_steps=int(sim.cfg["local_steps"]), batch_size=bs)
-            return
-        groups: dict = {}
+        one_call = (int(sim.cfg["local_steps"]),)
+        groups: dict = {}              # clients making the same calls advance together
         for k in others:
-            groups.setdefault(tuple(int(n) for n in runs(k)), []).append(k)
+            groups.setdefault(one_call if runs is None else tuple(int(n) for n in runs(k)), []).append(k)
         for calls, ks in groups.items():
             for n in calls:             # every call draws a fresh permutation (local_train's data order)
                 advance_streams([sim.client_sizes[k] for k in ks], [sim.client_generators[k] for k in ks],
@@ -409,7 +405,6 @@ def run_from_cli(args) -> int:
             return cli.EXIT_USAGE if err is None or isinstance(err, usage) else EXIT_FAILED
         sim, cfg = prep.sim, prep.cfg
         sim.dist = ctx
-        ctx.P = sim.P
         start = 1 if prep.resume is None else int(prep.resume["round"]) + 1
         ctx.begin(start, int(cfg["rounds"]))
         if prep.resume is not None:
