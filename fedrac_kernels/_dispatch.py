@@ -303,13 +303,11 @@ def check_no_nan(t: torch.Tensor, name: str) -> None:
 def check_order_sizes(order: torch.Tensor, sizes: torch.Tensor) -> None:
     """ValueError unless ``order`` is a permutation of 0..N-1 and every size lies in [0, N] (one
     device -> host read on a GPU)."""
-    N = order.numel()
     perm_ok, sizes_ok, _, _ = _layout._index_checks(order, sizes)
     if not perm_ok:
-        raise ValueError(f"order: not a permutation of 0..{N - 1}")
+        _layout._permutation_error(order, "order")
     if not sizes_ok:
-        bad = ((sizes < 0) | (sizes > N)).nonzero().flatten().tolist()
-        raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at {bad}")
+        _layout._sizes_error(sizes, order.numel())
 
 
 # ---- running an aggregation with the non-finite policy -----------------------------------------

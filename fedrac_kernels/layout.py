@@ -157,9 +157,7 @@ class NestedMasks:
         if not perm_ok:
             _permutation_error(order, "order")
         if not sizes_ok:
-            bad = ((sizes_t < 0) | (sizes_t > N)).nonzero().flatten().tolist()
-            raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at client(s) {bad}: "
-                             f"{sizes_t[bad].tolist()}")
+            _sizes_error(sizes_t, N)
         self.order = order.contiguous()
         self.rank = rank
         self.sizes = sizes_t.to(torch.int32).contiguous()
@@ -271,6 +269,13 @@ def _index_checks(order: torch.Tensor, sizes: Optional[torch.Tensor] = None, ext
     if has_sizes:
         sizes_ok, i = vals[i], i + 1
     return perm_ok, sizes_ok, vals[i:], rank
+
+
+def _sizes_error(sizes: torch.Tensor, N: int) -> None:
+    """Raise the ValueError naming the sizes outside [0, N] (error path: reads them)."""
+    s = sizes.detach().cpu()
+    bad = ((s < 0) | (s > N)).nonzero().flatten().tolist()
+    raise ValueError(f"sizes: every size must lie in [0, N={N}]; out of range at client(s) {bad}: {s[bad].tolist()}")
 
 
 def _permutation_error(order: torch.Tensor, name: str) -> None:
