@@ -115,15 +115,18 @@ def _(delta, segments, inv, seg_off, seg_cols, length):
     return delta.new_empty(length)
 
 
+def _no_output(*args):
+    """The fake implementation of an op that only mutates its arguments."""
+    return None
+
+
 @torch.library.custom_op("fedrac::frequency_update_", mutates_args=("freq",))
 def frequency_update_(freq: torch.Tensor, masks: Optional[torch.Tensor], rank: Optional[torch.Tensor],
                       sizes: Optional[torch.Tensor], backend: str) -> None:
     _dispatch.frequency_update(freq, masks, rank, sizes, backend)
 
 
-@frequency_update_.register_fake
-def _(freq, masks, rank, sizes, backend):
-    return None
+frequency_update_.register_fake(_no_output)
 
 
 @torch.library.custom_op("fedrac::lowest_frequency_order", mutates_args=())
@@ -200,9 +203,7 @@ def threshold_add_(targets: List[torch.Tensor], u: torch.Tensor, segments: torch
                                      backend=backend or None)
 
 
-@threshold_add_.register_fake
-def _(targets, u, segments, thresholds, alpha, backend):
-    return None
+threshold_add_.register_fake(_no_output)
 
 
 @torch.library.custom_op("fedrac::layerwise_topq_add_", mutates_args=("targets",))
@@ -212,9 +213,7 @@ def layerwise_topq_add_(targets: List[torch.Tensor], u: torch.Tensor, segments: 
                                           backend=backend or None)
 
 
-@layerwise_topq_add_.register_fake
-def _(targets, u, segments, q, alpha, backend):
-    return None
+layerwise_topq_add_.register_fake(_no_output)
 
 
 @torch.library.custom_op("fedrac::layerwise_topq", mutates_args=())
@@ -233,9 +232,7 @@ def global_topk_add_(targets: List[torch.Tensor], u: torch.Tensor, counts: torch
     _sp().global_topk_add_.__wrapped__(_stacked_or_rows(targets), u, counts, alpha=alpha, backend=backend or None)
 
 
-@global_topk_add_.register_fake
-def _(targets, u, counts, alpha, backend):
-    return None
+global_topk_add_.register_fake(_no_output)
 
 
 @torch.library.custom_op("fedrac::global_topk", mutates_args=())
@@ -254,9 +251,7 @@ def randomk_add_(targets: List[torch.Tensor], u: torch.Tensor, counts: torch.Ten
     _sp().randomk_with_perm_(_stacked_or_rows(targets), u, counts, perm, alpha=alpha, backend=backend or None)
 
 
-@randomk_add_.register_fake
-def _(targets, u, counts, perm, alpha, backend):
-    return None
+randomk_add_.register_fake(_no_output)
 
 
 @torch.library.custom_op("fedrac::cosine_to_aggregate", mutates_args=())
@@ -294,9 +289,7 @@ def gram_add_(acc: torch.Tensor, buf: torch.Tensor, block: torch.Tensor, fill: i
     _gr().gram_add_checked_(acc, buf, block, fill)
 
 
-@gram_add_.register_fake
-def _(acc, buf, block, fill):
-    return None
+gram_add_.register_fake(_no_output)
 
 
 @torch.library.custom_op("fedrac::bottomk_magnitude_mask", mutates_args=())
