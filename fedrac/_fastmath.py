@@ -7,10 +7,12 @@ about 85 for ``F.linear`` (MKL), and much faster than MKL for narrow weights (te
 Everything else (CUDA, other dtypes, torch builds without oneDNN, ``FEDRAC_ONEDNN=0``) uses
 ``torch.addmm`` + ``clamp_min_``.
 
-The two kernels round differently (a few float32 ulps), so callers that need decisions independent
-of the kernel must recheck near-ties themselves (``fedrac.evaluation`` does, in float64). Each
-kernel on its own gives results that do not depend on how the rows are chunked, on which subset or
-order of weight rows is passed (column j only depends on row j of W), and are deterministic.
+The two kernels round differently (a few float32 ulps), and so can one kernel for different
+shapes: with torch 2.13 the bits of a row do not depend on how the rows are chunked, but with
+torch 2.11 (oneDNN 3.10, and MKL's addmm alike) the same row computed in a block of 15 rows or of
+37 differs in the last bit. Both kernels are deterministic for a given shape. Callers that need
+decisions independent of the kernel and of the chunking must recheck near-ties themselves
+(``fedrac.evaluation`` does, in float64).
 """
 from __future__ import annotations
 

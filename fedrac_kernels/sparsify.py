@@ -81,6 +81,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import library
+from .backends import triton_interpreter_issue
 
 __all__ = [
     "topq_counts",
@@ -164,7 +165,7 @@ def _kernels() -> dict:
 
     _KERNELS.update(select_add=select_add_kernel, cosine_partial=cosine_partial_kernel,
                     interpreted=type(select_add_kernel).__name__ == "InterpretedFunction",
-                    cdiv=triton.cdiv)
+                    cdiv=triton.cdiv, version=triton.__version__)
     return _KERNELS
 
 
@@ -173,6 +174,9 @@ def _triton_status(device: torch.device) -> tuple[bool, str]:
     if "error" in kern:
         return False, f"triton cannot be imported ({kern['error']})"
     if kern["interpreted"]:
+        issue = triton_interpreter_issue(kern["version"])
+        if issue:
+            return False, issue
         if device.type != "cpu":
             return False, ("the Triton kernels were defined under TRITON_INTERPRET=1 and run on CPU "
                            f"tensors only, got {device}")

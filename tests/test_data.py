@@ -470,7 +470,8 @@ def test_download_corrupt_is_rejected(tmp_path, monkeypatch):
 @pytest.mark.skipif(not REBUILT_CIFAR.is_file(), reason="the shared rebuilt CIFAR-10 archive is absent")
 def test_rebuilt_cifar10_archive(request, tmp_path):
     # A persistent cache folder, so only the first run decodes the archive (a few seconds).
-    cache = request.config.cache
+    # (no cache with `-p no:cacheprovider`, as gpu_session.sh runs pytest: then a fresh tmp_path)
+    cache = getattr(request.config, "cache", None)
     data_dir = Path(cache.mkdir("fedrac-rebuilt-cifar10")) if cache is not None else tmp_path
     with pytest.raises(DataError, match="cf1121135ddaf878337296b3a233e2fd.*verify=False"):
         load_dataset("cifar10", data_dir, archive=REBUILT_CIFAR, download=False)

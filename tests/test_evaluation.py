@@ -315,8 +315,13 @@ def test_linear_relu_kernels_agree(gen):
     with torch.no_grad():
         got = linear_relu(x, w, b)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
-        # rows and weight-row subsets give the same bits as the whole (a column depends on its row only)
-        assert torch.equal(linear_relu(x[5:20], w[:7].contiguous(), b[:7].contiguous()), got[5:20, :7])
+        assert torch.equal(linear_relu(x, w, b), got)  # deterministic for one shape
+        # rows and weight-row subsets: the same values up to float32 rounding (the bits may differ:
+        # torch 2.11's oneDNN and MKL round a row differently in a block of 15 rows than of 37)
+        sub = linear_relu(x[5:20], w[:7].contiguous(), b[:7].contiguous())
+        bound = 2 * 300 * 2.0 ** -24 * (x[5:20].abs() @ w[:7].abs().t() + b[:7].abs())  # float32 dot error
+        assert ((sub - got[5:20, :7]).abs() <= bound).all()
+        assert not torch.equal(sub, torch.zeros_like(sub))
 
 
 def test_auto_eval_batch_size():

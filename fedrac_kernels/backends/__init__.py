@@ -143,6 +143,32 @@ class Accum:
         return len(self.rows)
 
 
+def version_tuple(v: str) -> tuple:
+    """(major, minor) of a version string such as '3.6.0', '2.13.0+cpu' or '3.7.0rc1'."""
+    out = []
+    for part in v.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def triton_interpreter_issue(triton_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run this package's kernels here, or None.
+
+    Triton 3.6's interpreter turns a runtime loop bound (``for k in range(K)``) into a Python int
+    through ``int()`` of a one-element array, which numpy >= 2.4 refuses; triton 3.7 fixed it.
+    Compiled kernels are not affected. Every Triton user in this package (the back end, the
+    sparsification kernels, the simulator's evaluation walk) asks this before interpreting."""
+    if version_tuple(triton_version) >= (3, 7):
+        return None
+    import numpy
+
+    if version_tuple(numpy.__version__) < (2, 4):
+        return None
+    return (f"triton {triton_version}'s interpreter fails on runtime-bounded loops with numpy "
+            f"{numpy.__version__} >= 2.4: use numpy<2.4 or triton>=3.7")
+
+
 _cache: dict = {}
 
 

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import Accum
+from . import Accum, triton_interpreter_issue, version_tuple
 
 _IMPORT_ERROR = None
 try:
@@ -36,14 +36,6 @@ MIN_TRITON = (3, 6)
 MAX_TRITON = (3, 9)  # newest version tested; newer ones are tried, with a note
 
 
-def _version_tuple(v: str) -> tuple:
-    out = []
-    for part in v.split(".")[:2]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
 def interpreted() -> bool:
     """True when the kernels were imported under TRITON_INTERPRET=1 (they run on CPU tensors)."""
     return _IMPORT_ERROR is None and _is_interpreted(_agg._dense_kernel)
@@ -54,18 +46,15 @@ def available(device=None) -> tuple[bool, str]:
     if _IMPORT_ERROR is not None:
         return False, f"triton is not importable ({_IMPORT_ERROR}); pip install 'triton>=3.6,<3.10'"
     ver = triton.__version__
-    vt = _version_tuple(ver)
+    vt = version_tuple(ver)
     if vt < MIN_TRITON:
         return False, f"triton {ver} is older than the supported 3.6"
     note = "" if vt <= MAX_TRITON else f" (newer than the tested {MAX_TRITON[0]}.{MAX_TRITON[1]})"
     dev_type = torch.device(device).type if device is not None else None
     if interpreted():
-        if vt < (3, 7):
-            import numpy
-
-            if _version_tuple(numpy.__version__) >= (2, 4):
-                return False, (f"triton {ver}'s interpreter fails on runtime-bounded loops with "
-                               f"numpy {numpy.__version__} >= 2.4: use numpy<2.4 or triton>=3.7")
+        issue = triton_interpreter_issue(ver)
+        if issue:
+            return False, issue
         if dev_type not in (None, "cpu"):
             return False, (f"TRITON_INTERPRET=1 was set at import: the interpreter runs on CPU "
                            f"tensors only, not {dev_type}")
