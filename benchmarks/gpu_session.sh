@@ -45,7 +45,7 @@
 #   COMMIT=<sha>     recorded when the tree has no .git
 #   BUILD_MODE=pip|inplace|skip   (inplace: python setup.py build_ext --inplace; default pip)
 #   FORCE_BUILD=1    rebuild even if the modules import
-#   PYTHON=python    interpreter
+#   PYTHON=python3   interpreter (default: the first of python3 / python that imports torch)
 #   STREAM_P=2e7     P of bench_aggregation's stream1000 case on CUDA (see below)
 # Deliberately no `set -e`: every step runs under run_step, which records its status; a failing
 # step or stage never stops the later ones.
@@ -54,7 +54,19 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-PY=${PYTHON:-python}
+# The interpreter that holds torch: $PYTHON, else the first of python3 / python that imports it
+# (the GPU machines' image documents `python3` as the one with PyTorch; `python` may be absent).
+pick_python() {
+    local c
+    for c in python3 python; do
+        if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then
+            echo "$c"
+            return
+        fi
+    done
+    echo python3
+}
+PY=${PYTHON:-$(pick_python)}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 BUDGET=${BUDGET:-560}
