@@ -15,9 +15,10 @@
  *   - the CUB block primitives used (BlockScan, BlockReduce, BlockRadixSort) and the host-called
  *     DeviceRadixSort::SortPairs are replaced by straightforward implementations with the same
  *     contracts (stable sorts on the requested bit range);
- *   - runtime calls are host stubs: memory is malloc'ed (and filled with a garbage pattern, so a
- *     read of memory that was never written shows up as a wrong result), copies are memcpy, every
- *     stream is synchronous, and fk_emu_capturing makes streams report an active graph capture.
+ *   - the runtime calls used have complete host implementations: memory is malloc'ed (and filled
+ *     with a garbage pattern, so a read of memory that was never written shows up as a wrong
+ *     result), copies are memcpy, every stream is synchronous, and fk_emu_capturing makes streams
+ *     report an active graph capture.
  */
 #ifndef FK_HOST_EMU_CUH
 #define FK_HOST_EMU_CUH
@@ -41,7 +42,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
-/* ---- runtime types and stubs ---------------------------------------------------------------- */
+/* ---- runtime types and their host implementations ------------------------------------------ */
 
 typedef void* cudaStream_t;
 typedef int cudaError_t;
