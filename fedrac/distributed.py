@@ -136,25 +136,21 @@ class DistContext:
         if self.stage != stage:
             raise DistributedError(f"protocol error on rank {self.rank}: at {self.stage!r}, expected {stage!r}")
 
-    def before_training(self, r: int, sim, mine: range, runs=None) -> None:
+    def before_training(self, r: int, sim, mine: range, runs) -> None:
         """Called by the round before this rank trains its clients: fault injection, and the
-        other ranks' clients' RNG streams advanced as their training advances them: one
-        ``local_train`` call of ``local_steps`` steps each, or the calls ``runs(k)`` lists
-        (``num_steps`` of each call, in order: FjORD's runs of equal width, Aequa's sub-steps)."""
+        other ranks' clients' RNG streams advanced as their training advances them: the
+        ``local_train`` calls ``runs(k)`` lists (``num_steps`` of each call, in order: one call of
+        ``local_steps`` by default, FjORD's runs of equal width, Aequa's sub-steps)."""
         from .batched import advance_streams
 
         self.round = r
         self._inject("train")
-        others = [k for k in range(sim.K) if k not in mine]
         bs = int(sim.cfg["batch_size"])
-        one_call = (int(sim.cfg["local_steps"]),)
-        groups: dict = {}              # clients making the same calls advance together
-        for k in others:
-            groups.setdefault(one_call if runs is None else tuple(int(n) for n in runs(k)), []).append(k)
-        for calls, ks in groups.items():
-            for n in calls:             # every call draws a fresh permutation (local_train's data order)
-                advance_streams([sim.client_sizes[k] for k in ks], [sim.client_generators[k] for k in ks],
-                                num_steps=n, batch_size=bs)
+        for k in range(sim.K):
+            if k in mine:
+                continue
+            for n in runs(k):            # every call draws a fresh permutation (local_train's data order)
+                advance_streams([sim.client_sizes[k]], [sim.client_generators[k]], num_steps=int(n), batch_size=bs)
 
     def _inject(self, where: str) -> None:
         """Fault injection for tests: ``FEDRAC_FAIL_AT=RANK:ROUND[:WHERE]`` raises on that rank in

@@ -92,6 +92,7 @@ class Simulation:
         self.client_generators = [_generator(derive_seed(seed, "client", k)) for k in range(self.K)]
         self.generator = _generator(derive_seed(seed, "server"))
         self._holdouts = None
+        self._holdout_rows = None
         self.dist = None            # fedrac.distributed.DistContext in `--distributed` runs
 
     def client_holdout_indices(self) -> list:
@@ -107,8 +108,11 @@ class Simulation:
         return self._holdouts
 
     def client_holdouts(self):
-        """Each client's logging holdout rows ``(x, y)`` (see :meth:`client_holdout_indices`)."""
-        return [(x[i], y[i]) for (x, y), i in zip(self._clients, self.client_holdout_indices())]
+        """Each client's logging holdout rows ``(x, y)`` (see :meth:`client_holdout_indices`),
+        gathered once."""
+        if self._holdout_rows is None:
+            self._holdout_rows = [(x[i], y[i]) for (x, y), i in zip(self._clients, self.client_holdout_indices())]
+        return self._holdout_rows
 
     # data ---------------------------------------------------------------------------------------
     def client_data(self, k: int):
@@ -168,7 +172,7 @@ class Simulation:
         which the other ranks mirror, :func:`fedrac.distributed._worker_loop`): each rank counts
         its 1/W of the rows and the counts are summed exactly
         (:meth:`fedrac.distributed.DistContext.sum_counts`)."""
-        from .evaluation import nested_candidate_accuracy, nested_candidate_counts
+        from .evaluation import _result, nested_candidate_accuracy, nested_candidate_counts
 
         x, y = self._split(split)
         dist = self.dist
@@ -176,9 +180,7 @@ class Simulation:
             return nested_candidate_accuracy(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size)
         counts = nested_candidate_counts(self.model, params, x, y, order, sizes, batch_size=self.eval_batch_size,
                                          shard=(dist.rank, dist.world))
-        n = x.shape[0]
-        counts = dist.sum_counts(counts)
-        return counts.to(torch.float64) / n if n else torch.full(counts.shape, float("nan"), dtype=torch.float64)
+        return _result(dist.sum_counts(counts), None, x.shape[0], False)
 
     def masks_accuracy(self, params: torch.Tensor, masks: torch.Tensor, split: str = "val") -> torch.Tensor:
         from .evaluation import masks_accuracy
@@ -194,22 +196,21 @@ class Simulation:
         from .algorithms.base import AccuracyRewards, MaskRewards, ParamRewards
 
         K = self.K
+        nested = isinstance(rewards, MaskRewards) and rewards.order is not None
+        if nested:  # split across the ranks: every rank makes exactly this call
+            sizes = torch.as_tensor(rewards.sizes, dtype=torch.int64).cpu()
+            uniq, inv = torch.unique(sizes, return_inverse=True)
+            acc = self.nested_accuracy(rewards.params, rewards.order, uniq, split="test")
         if collective_only:
-            if isinstance(rewards, MaskRewards) and rewards.order is not None:
-                sizes = torch.as_tensor(rewards.sizes, dtype=torch.int64).cpu()
-                self.nested_accuracy(rewards.params, rewards.order, torch.unique(sizes), split="test")
             return None
+        if nested:
+            return acc.to(torch.float64)[inv]
         if isinstance(rewards, AccuracyRewards):
             acc = torch.as_tensor(rewards.accuracy, dtype=torch.float64).cpu().reshape(-1)
             if acc.numel() != K:
                 raise ValueError(f"AccuracyRewards: expected {K} accuracies, got {acc.numel()}")
             return acc
         if isinstance(rewards, MaskRewards):
-            if rewards.order is not None:
-                sizes = torch.as_tensor(rewards.sizes, dtype=torch.int64).cpu()
-                uniq, inv = torch.unique(sizes, return_inverse=True)
-                acc = self.nested_accuracy(rewards.params, rewards.order, uniq, split="test")
-                return acc.to(torch.float64)[inv]
             if rewards.masks is not None:
                 return self.masks_accuracy(rewards.params, rewards.masks, split="test").to(torch.float64)
             return torch.full((K,), self.accuracy(rewards.params, "test"), dtype=torch.float64)

@@ -168,6 +168,11 @@ class AequaStyle(MaskedAlgorithm):
         return width_size(rho, self.site_widths)
 
     # the round: MaskedAlgorithm's, through its hooks ------------------------------------------
+    def _trains_allocated(self, r: int) -> bool:
+        """Round ``r`` trains the allocated widths (``training_time`` from its start round); the
+        rewards then use those widths, so allocation and rewards ask this one place."""
+        return self.cfg["allocation"] == "training_time" and r >= self.cfg["allocation_start_round"]
+
     def allocate(self, r: int) -> Optional[Allocation]:
         """``training_time`` (from ``allocation_start_round``): the widths from the curve on the
         current model (counted in ``freq``); otherwise None (everybody trains the full model).
@@ -177,7 +182,7 @@ class AequaStyle(MaskedAlgorithm):
         self.extras = {"reconstructed": True}
         if r == 1:
             self.extras["reconstruction_note"] = NOTE
-        training_time = cfg["allocation"] == "training_time" and r >= cfg["allocation_start_round"]
+        training_time = self._trains_allocated(r)
         alloc = self.allocation_from_curve(self.curve()) if training_time else None
         rho_max = list(self.widths) if training_time else [1.0] * sim.K
         steps = int(cfg["local_steps"])
@@ -219,7 +224,7 @@ class AequaStyle(MaskedAlgorithm):
     def reward_allocation(self, alloc: Allocation, r: int) -> Allocation:
         """``post_training`` (and ``training_time`` before its start round): the widths from the
         curve on the aggregated model; ``training_time``: the widths trained."""
-        if self.cfg["allocation"] == "training_time" and r >= self.cfg["allocation_start_round"]:
+        if self._trains_allocated(r):
             return alloc
         return self.allocation_from_curve(self.curve())
 

@@ -447,7 +447,7 @@ class MaskedAlgorithm(Algorithm):
         agg = fk.StreamingAggregator(self.w, layout=sim.layout if (structural or compact) else None)
         mine = range(sim.K) if dist is None else dist.shard(sim.K)
         if dist is not None:
-            dist.before_training(r, sim, mine, runs=self._replay_runs(alloc, r))
+            dist.before_training(r, sim, mine, runs=lambda k: self.local_runs(k, alloc, r))
         for ks in self._chunks(mine):
             upd = self.train_chunk(ks, alloc, r)
             upd.sub_(self.w)
@@ -477,13 +477,6 @@ class MaskedAlgorithm(Algorithm):
         if dist is not None:
             dist.sum_aggregators(agg, self.round_digest(alloc))
         agg.apply_(self.w)
-
-    def _replay_runs(self, alloc: Allocation, r: int):
-        """For distributed runs: None when every client makes one ``local_steps`` call (the
-        default :meth:`local_runs`), else ``k -> [num_steps of each call]``."""
-        if type(self).local_runs is MaskedAlgorithm.local_runs:
-            return None
-        return lambda k: self.local_runs(k, alloc, r)
 
     def _one_by_one(self, ks: range, train) -> torch.Tensor:
         """For :meth:`train_chunk` overrides that train clients one after another: ``train(k)``
