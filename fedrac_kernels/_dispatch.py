@@ -211,14 +211,6 @@ def check_weight_values(w: torch.Tensor, name: str = "weights", allow_all_zero: 
         weight_error(w, name, allow_all_zero)
 
 
-def prepare_weights(w: torch.Tensor, device: torch.device, name: str = "weights", checked: bool = False) -> torch.Tensor:
-    """Checked float32 contiguous weights on ``device`` (checked where they live: no sync for CPU)."""
-    w = w.to(torch.float32)
-    if not checked:
-        check_weight_values(w, name)
-    return w.to(device).contiguous()
-
-
 # ---- scratch buffers of the checked aggregation ------------------------------------------------
 # ``finalize`` computes into a scratch buffer the size of ``g`` and copies it into ``g`` once the
 # flags are read. On the CPU a buffer above glibc's mmap threshold (32 MiB at most) is fresh memory

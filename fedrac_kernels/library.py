@@ -167,10 +167,6 @@ def _stacked_or_rows(ts) -> object:
     return ts[0] if len(ts) == 1 and ts[0].dim() == 2 else list(ts)
 
 
-def _k_of(ts) -> int:
-    return ts[0].shape[0] if len(ts) == 1 and ts[0].dim() == 2 else len(ts)
-
-
 def _leading(t: torch.Tensor) -> int:
     """K of a per-client argument: its leading size (a 0-dim tensor is one client)."""
     return t.shape[0] if t.dim() >= 1 else 1
@@ -264,7 +260,7 @@ def cosine_to_aggregate(U: List[torch.Tensor], u: torch.Tensor, eps: float,
 
 @cosine_to_aggregate.register_fake
 def _(U, u, eps, backend):
-    K = _k_of(U)
+    K = len(_stacked_or_rows(U))
     f64 = dict(dtype=torch.float64, device="cpu")
     return torch.empty(K, **f64), torch.empty(K, **f64), torch.empty((), **f64)
 
@@ -392,7 +388,4 @@ def use_ops(*tensors) -> bool:
     """
     if torch.compiler.is_compiling():
         return True
-    for t in tensors:
-        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            return True
-    return False
+    return not all(map(_plain, tensors))
