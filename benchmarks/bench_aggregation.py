@@ -165,6 +165,7 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
         raise ValueError(f"--rules: unknown {bad_rules} (nonzero, masks)")
     M = (U != 0) if "masks" in rules else None  # explicit masks: the non-zero rule's active set
     var_bytes = {}  # per-variant byte model where it differs from dense_bytes (masks: + K*P)
+    var_check = {}  # ours[...] variant -> its key in checks
 
     # (b) and its reference result
     b_result = stacked_mean_update(g0, U) if dtype == torch.float32 else stacked_mean_update(g0, U.float())
@@ -172,6 +173,7 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
     # ours: correctness first (fresh g), then the timed closure on a working copy; with --cpu-isas the
     # cpu back end once per kernel level (each call sets its level first), labelled cpu@<level>
     isa_prev = None
+    ref = None      # the oracle's result: the same for every back end, level and rule
     for be in backends:
         status = fk.backend_report().get(be, "unavailable: unknown back end")
         if not status.startswith("ok"):
@@ -183,9 +185,9 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
             label = be if isa is None else f"{be}@{isa}"
             if isa is not None and isa_prev is None:
                 isa_prev = _cpu_ext().get_isa()
-            ref = None
             for rule in rules:
-                lr = label if rule == "nonzero" else f"{label},masks"
+                sfx = "" if rule == "nonzero" else ",masks"
+                lr = label + sfx
                 Mr = M if rule == "masks" else None
                 try:
                     got = with_isa(isa, lambda: fk.masked_mean_update_(g0.clone(), U, masks=Mr, backend=be))()
@@ -203,7 +205,8 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
                               "max_abs_diff_vs_b": float((got - b_result).abs().max())}
                 for mode in modes:
                     gw = g0.clone()
-                    vname = f"ours[{label},{mode}]" if rule == "nonzero" else f"ours[{label},{mode},masks]"
+                    vname = f"ours[{label},{mode}{sfx}]"
+                    var_check[vname] = lr
                     if rule == "masks":
                         var_bytes[vname] = dense_bytes + K * P
                     variants[vname] = with_isa(
@@ -276,15 +279,13 @@ def run_dense_case(name: str, args, backends: list, modes: list, device: torch.d
             rc = t_c / med if t_c else float("nan")
             print(f"  {vname:<{nw}}{common.fmt_time(med):>11}{common.fmt_time(t['p10']):>11}"
                   f"{common.fmt_time(t['p90']):>11}{rate:>8.1f}{100 * frac:>6.0f}%{ra:>8.1f}x{rb:>7.2f}x{rc:>7.2f}x")
-            be = vname[5:-1].split(",")[0] if vname.startswith("ours[") else None
-            if be is not None and vname.endswith(",masks]"):
-                be += ",masks"
             records.append({"case": name, "variant": vname, "clock": "wall" if title == "wall" else "thread_cpu",
                             "K": K, "P": P, "dtype": args.dtype, "device": str(device),
-                            "threads": torch.get_num_threads(), "bytes_model": var_bytes.get(vname, dense_bytes), "median_s": med,
+                            "threads": torch.get_num_threads(), "bytes_model": vbytes, "median_s": med,
                             "p10_s": t["p10"], "p90_s": t["p90"], "n": t["n"], "gbps": rate, "copy_gbps": copy_gbps,
                             "frac_copy": frac, "speedup_vs_a": ra, "speedup_vs_b": rb, "speedup_vs_b_compiled": rc,
-                            "check": checks.get(be) if be else checks.get("(a)") if vname == "(a) official" else None,
+                            "check": (checks.get(var_check[vname]) if vname in var_check
+                                      else checks.get("(a)") if vname == "(a) official" else None),
                             "times": t.get("times", t.get("thread_cpu_times"))})
     for vname, why in notes.items():
         records.append({"case": name, "variant": vname, "K": K, "P": P, "dtype": args.dtype,

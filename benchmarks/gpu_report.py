@@ -84,8 +84,6 @@ SOURCE = {T_TESTS: ("test", "junit_*.xml"), T_COPY: ("agg", "aggregation.json"),
           T_STREAM: ("stream", "streaming.json"), T_ORDER: ("order", "order.json"), T_EVAL: ("eval", "eval.json"),
           T_ROUND: ("scale", "bench_scale.json"), T_CPU_A: ("agg", "aggregation.json"),
           T_CPU_B: ("agg", "aggregation.json")}
-SOURCE_KIND = {"junit_*.xml": "junit", "aggregation.json": "agg", "streaming.json": "stream", "order.json": "order",
-               "eval.json": "eval", "bench_scale.json": "scale"}
 TARGET_HEADER = ["target", "case", "measured", "result"]
 
 
@@ -888,7 +886,7 @@ def build_report(dirs: list) -> tuple:
         if t in CPU_TARGETS and not cpu_run:
             continue                       # a GPU session: the CPU targets are RESULTS.md's CPU runs
         stage, fname = SOURCE[t]
-        have = any(p.files.get(SOURCE_KIND[fname]) for p in parts)
+        have = any(p.files.get(classify(fname)) for p in parts)
         measured = f"not run (no case for it in {fname})" if have else f"not run (no {fname}: stage `{stage}`)"
         res = NA if (gpu_run or t not in GPU_TARGETS) else "n/a (GPU target; CPU run)"
         targets.append([t, "", measured, res])

@@ -240,16 +240,20 @@ ensure_build() {
     else
         envs+=(FEDRAC_BUILD_CUDA="${FEDRAC_BUILD_CUDA:-0}")   # CPU dry run: the C++ module only
     fi
+    local ok=0
     if [[ "$BUILD_MODE" == pip ]]; then
         run_step build pip_install 300 "${envs[@]}" "$PY" -m pip install --no-build-isolation --no-deps -e .
-        if ! modules_import; then
+        if modules_import; then
+            ok=1
+        else
             log "[build] pip install did not give importable modules: python setup.py build_ext --inplace"
-            run_step build build_ext 300 "${envs[@]}" "$PY" setup.py build_ext --inplace
         fi
-    else
-        run_step build build_ext 300 "${envs[@]}" "$PY" setup.py build_ext --inplace
     fi
-    if modules_import; then
+    if ((ok == 0)); then
+        run_step build build_ext 300 "${envs[@]}" "$PY" setup.py build_ext --inplace
+        modules_import && ok=1
+    fi
+    if ((ok == 1)); then
         echo "$want" >"$stamp"
         log "[build] ok"
     else
